@@ -1,8 +1,23 @@
-"""The one adapter over open_clip: load any architecture, encode text and images."""
+"""The one adapter over open_clip: load any architecture, encode text and images.
+
+Every package that needs CLIP goes through `load_clip`, which returns a frozen `ClipAdapter`
+in eval mode. The adapter speaks the project's conventions: images in [-1, 1] at any size,
+unit-norm embeddings, and per-token text encodings with a padding mask (the prior and the
+decoder condition on those). Pure PyTorch: open_clip reads its own config and vocabulary
+files; nothing here opens a network connection or a file except a local weights file.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from copy import deepcopy
+from typing import Optional, Sequence, Union
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip import factory as _open_clip_factory
+from torch import nn
 
 from models.config import config_dataclass
 
@@ -14,3 +29,177 @@ class ClipConfig:
 
     name: str = "ViT-B-32"
     pretrained: Optional[str] = None
+
+
+# Tiny architectures for tests and the demo. They keep CLIP's tokenizer (so the 49408-row
+# token table holds most of the ~3.3M parameters) but the towers are a few hundred K
+# parameters, which trains contrastively on 32 px coloured shapes in minutes on 2 CPU cores.
+TINY_ARCHITECTURES: dict[str, dict] = {
+    "unclip-tiny": {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 4, "mlp_ratio": 2.0},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2, "mlp_ratio": 2.0},
+    },
+    # Same towers, but 77 tokens like every published CLIP, to test context-length handling.
+    "unclip-tiny-77": {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 4, "mlp_ratio": 2.0},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2, "mlp_ratio": 2.0},
+    },
+}
+
+
+def register_tiny_architectures() -> None:
+    """Add the tiny configs to open_clip's in-memory registry (idempotent, no file I/O)."""
+    for name, cfg in TINY_ARCHITECTURES.items():
+        _open_clip_factory._MODEL_CONFIGS[name] = deepcopy(cfg)
+
+
+register_tiny_architectures()
+
+TextInput = Union[Sequence[str], torch.Tensor]
+
+
+class ClipAdapter(nn.Module):
+    """A frozen open_clip model with the project's calling conventions.
+
+    Attributes: `embed_dim` D, `text_width` W, `image_size` (pixels), `context_length` L,
+    `mean`/`std` (CLIP's per-channel normalisation, tuples of 3), `model` (open_clip).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, name: str = ""):
+        super().__init__()
+        self.model = model
+        self.name = name
+        self._tokenizer = tokenizer
+        self.context_length = int(getattr(tokenizer, "context_length", None) or _text_tower(model).context_length)
+        size = model.visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.mean = tuple(float(m) for m in model.visual.preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        self.std = tuple(float(s) for s in model.visual.preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD))
+        self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
+        self.text_width = int(_text_tower(model).ln_final.normalized_shape[0])
+        self.embed_dim = int(self._probe_embed_dim())
+        self.requires_grad_(False)
+        self.eval()
+
+    def _probe_embed_dim(self) -> int:
+        proj = getattr(_text_tower(self.model), "text_projection", None)
+        if isinstance(proj, nn.Linear):
+            return proj.out_features
+        if isinstance(proj, torch.Tensor):
+            return proj.shape[-1]
+        return self.text_width
+
+    def train(self, mode: bool = True) -> "ClipAdapter":
+        # Frozen: a parent module's .train() must not switch dropout etc. back on.
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self._mean.device
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Tokenise captions (truncated to the context length): LongTensor [batch, context_length]."""
+        if isinstance(texts, str):
+            raise TypeError("tokenize expects a list of strings, got a single str")
+        return self._tokenizer(list(texts), context_length=self.context_length)
+
+    @torch.no_grad()
+    def encode_text(self, texts: TextInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode captions or tokens [batch, L].
+
+        Returns `text_embed` [batch, D] (unit norm), `text_encodings` [batch, L, W] (the text
+        transformer's per-token outputs after ln_final, before pooling/projection, zero at
+        padding) and `text_mask` [batch, L] bool (True at real tokens).
+        """
+        tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
+        if tokens.ndim != 2:
+            raise ValueError(f"encode_text expects tokens [batch, length], got shape {tuple(tokens.shape)}")
+        tokens = tokens.to(self.device, torch.long)
+        tower = _text_tower(self.model)
+        embed, encodings = _text_forward(self.model, tower, tokens)
+        mask = tokens != 0
+        encodings = encodings.masked_fill(~mask[..., None], 0.0)
+        return F.normalize(embed.float(), dim=-1), encodings.float(), mask
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Encode images [batch, 3, H, W] in [-1, 1]: unit-norm `image_embed` [batch, D].
+
+        Images of another size are resized (bicubic, antialiased) to `image_size`; CLIP's
+        mean/std normalisation is applied here, so callers never see it.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"encode_image expects images [batch, 3, H, W], got shape {tuple(images.shape)}")
+        x = (images.to(self.device, torch.float32) + 1) / 2
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True, align_corners=False)
+            x = x.clamp(0, 1)
+        x = (x - self._mean) / self._std
+        return F.normalize(self.model.encode_image(x).float(), dim=-1)
+
+
+def _text_tower(model: nn.Module) -> nn.Module:
+    """The module holding ln_final/context_length: the CLIP itself or its `.text` tower."""
+    return model if hasattr(model, "ln_final") else model.text
+
+
+def _text_forward(model: nn.Module, tower: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled projected embedding [B, D], per-token encodings [B, L, W]) in one pass."""
+    if tower is model:  # open_clip's CLIP class keeps the text tower's parts on the model
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast) + model.positional_embedding.to(cast)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+        pooled = open_clip.transformer.text_global_pool(
+            x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None)
+        )
+        proj = model.text_projection
+        if proj is not None:
+            pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+        return pooled, x
+    if not hasattr(tower, "output_tokens"):
+        raise ValueError(f"text tower {type(tower).__name__} cannot return per-token encodings")
+    previous = tower.output_tokens
+    tower.output_tokens = True
+    try:
+        pooled, x = tower(tokens)
+    finally:
+        tower.output_tokens = previous
+    return pooled, x
+
+
+def _resolve_pretrained(name: str, pretrained: Optional[str]) -> Optional[str]:
+    """Check `pretrained` up front so a typo fails with a message, not a download attempt."""
+    if pretrained is None or pretrained == "":
+        return None
+    looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    if looks_like_path:
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"clip.pretrained: weights file {pretrained!r} does not exist")
+        return pretrained
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ValueError(f"clip.pretrained: {pretrained!r} is neither a file nor a pretrained tag of {name!r} (tags: {tags})")
+    return pretrained
+
+
+def load_clip(name: str, pretrained: Optional[str] = None, device: Union[str, torch.device] = "cpu") -> ClipAdapter:
+    """Build open_clip architecture `name`, frozen and in eval mode.
+
+    `pretrained`: None (random init, works offline), an open_clip pretrained tag (needs the
+    hub or its cache), or a local .pt/.pth/.bin/.safetensors file (loaded with
+    weights_only=True).
+    """
+    if name not in open_clip.list_models():
+        raise ValueError(f"clip.name: unknown open_clip architecture {name!r} (e.g. ViT-B-32, unclip-tiny)")
+    pretrained = _resolve_pretrained(name, pretrained)
+    model = open_clip.create_model(name, pretrained=pretrained, device=device, weights_only=True, pretrained_text=False)
+    tokenizer = open_clip.get_tokenizer(name)
+    return ClipAdapter(model, tokenizer, name=name).to(device)
+
+
+def load_clip_from_config(cfg: ClipConfig, device: Union[str, torch.device] = "cpu") -> ClipAdapter:
+    """`load_clip(cfg.name, cfg.pretrained, device)`."""
+    return load_clip(cfg.name, cfg.pretrained, device=device)
