@@ -25,8 +25,8 @@ Probability = Annotated[float, Field(ge=0, le=1)]
 
 
 def config_dataclass(cls: type[T]) -> type[T]:
-    """Make `cls` a validated dataclass that forbids unknown keys."""
-    return _pydantic_dataclass(cls, config=ConfigDict(extra="forbid", validate_assignment=True))
+    """Make `cls` a validated, keyword-only dataclass that forbids unknown keys."""
+    return _pydantic_dataclass(cls, config=ConfigDict(extra="forbid", validate_assignment=True), kw_only=True)
 
 
 class ConfigError(ValueError):
@@ -34,7 +34,9 @@ class ConfigError(ValueError):
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "<root>"
+    # union members are tagged "kind=..." by their discriminator: not a key the user wrote
+    keys = [str(part) for part in loc if not (isinstance(part, str) and "=" in part)]
+    return ".".join(keys) or "<root>"
 
 
 def format_validation_error(err: ValidationError, source: str = "") -> str:

@@ -1,0 +1,154 @@
+"""`unclip`: the command line. Thin by design: parse, validate, hand over to one function.
+
+Exit codes (contract): 0 success, 2 bad usage or a bad config (before any work), 1 a failure
+at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Optional, Sequence
+
+from models.config import ConfigError
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+# command -> "module:function" taking the parsed args and returning an exit code;
+# resolved lazily so `unclip --help` does not import torch.
+HANDLERS: dict[str, str] = {}
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.steps=100 (repeatable; VALUE is YAML data)",
+    )
+
+
+def _add_metrics(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (rank 0)")
+    p.add_argument("--metrics-host", default=None, help="address to bind the metrics server (default 127.0.0.1)")
+    p.add_argument("--pushgateway", metavar="URL", help="push metrics to a Prometheus Pushgateway instead")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unclip",
+        description="Train DALL-E 2 (unCLIP): shards -> CLIP precompute -> prior, decoder, upsamplers -> sample.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="run the whole pipeline end to end on the embedded shapes data")
+    p.add_argument("--out", default="demo_out", metavar="DIR", help="run root (re-running resumes)")
+    p.add_argument("--quick", action="store_true", help="smallest preset (a few minutes; used by the tests)")
+
+    p = sub.add_parser("shards", help="write webdataset shards from images+captions or the shapes dataset")
+    p.add_argument("--source", required=True, help="shapes | folder:DIR | table:FILE.csv | table:FILE.parquet")
+    p.add_argument("--out", required=True, metavar="URL", help="output folder (any fsspec URL)")
+    p.add_argument("--per-shard", type=int, default=1000, metavar="N", help="samples per shard")
+    p.add_argument("--count", type=int, metavar="N", help="number of samples (shapes: required size of the set)")
+    p.add_argument("--size", type=int, metavar="PX", help="image size (shapes: render size; others: resize)")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--format", dest="image_format", choices=["jpg", "png", "webp"], default="jpg")
+    p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
+    p.add_argument("--min-size", type=int, default=0, metavar="PX", help="skip images smaller than this")
+
+    p = sub.add_parser("precompute", help="CLIP embeddings for every shard (resumable, distributed)")
+    p.add_argument("--config", required=True, metavar="FILE")
+    p.add_argument("--shards", metavar="URL", help="input shards (overrides the config)")
+    p.add_argument("--out", metavar="URL", help="embedding shards folder (overrides the config)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N", help="local processes")
+    p.add_argument("--rank", type=int, help="this job's index in a job array")
+    p.add_argument("--world-size", type=int, help="size of the job array")
+    _add_overrides(p)
+    _add_metrics(p)
+
+    p = sub.add_parser("train", help="train one stage (clip, prior, decoder, upsampler) with DeepSpeed")
+    p.add_argument("--config", required=True, metavar="FILE")
+    p.add_argument("--run-dir", metavar="DIR", help="run directory (default runs/<name>)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N", help="local ranks")
+    p.add_argument("--no-resume", action="store_true", help="start fresh even if the run has checkpoints")
+    _add_overrides(p)
+    _add_metrics(p)
+
+    p = sub.add_parser("sample", help="text->image, variations, interpolation, text diffs")
+    p.add_argument("--weights", nargs="+", required=True, metavar="PATH", help="exported weights or run dirs")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", metavar="TEXT")
+    mode.add_argument("--prompts", metavar="FILE", help="one prompt per line")
+    mode.add_argument("--variations", metavar="IMG")
+    mode.add_argument("--interpolate", nargs=2, metavar=("IMG_A", "IMG_B"))
+    mode.add_argument("--text-diff", metavar="IMG")
+    p.add_argument("--from", dest="from_text", metavar="TEXT", help="with --text-diff")
+    p.add_argument("--to", dest="to_text", metavar="TEXT", help="with --text-diff")
+    p.add_argument("--frames", type=int, default=8, help="with --interpolate")
+    p.add_argument("-n", type=int, default=1, help="images per prompt")
+    p.add_argument("--guidance", type=float, help="decoder guidance scale")
+    p.add_argument("--steps", type=int, help="sampling steps")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="DIR")
+
+    p = sub.add_parser("export", help="consolidated EMA weights of a run (safetensors)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, metavar="FILE")
+
+    p = sub.add_parser("launch", help="start a job locally, on a DeepSpeed hostfile, under torchrun or SLURM")
+    p.add_argument("--config", required=True, metavar="FILE")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--nproc", type=int, metavar="N", help="local processes")
+    where.add_argument("--hostfile", metavar="F", help="DeepSpeed hostfile")
+    where.add_argument("--slurm", action="store_true", help="write an sbatch script")
+    p.add_argument("--nnodes", type=int, metavar="N", help="torchrun: number of nodes")
+    p.add_argument("--node-rank", type=int, metavar="R", help="torchrun: this node's rank")
+    p.add_argument("--master-addr", metavar="A", help="torchrun: rendezvous host")
+    p.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
+    p.add_argument("--plan", action="store_true", help="print per-GPU memory under ZeRO 0-3")
+    p.add_argument("--gpus", type=int, metavar="N", help="with --plan: total GPUs")
+    _add_overrides(p)
+
+    p = sub.add_parser("report", help="loss and throughput curves of a run, as a PNG")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    return parser
+
+
+def _not_implemented(command: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        if getattr(args, "config", None):
+            from launch.config_files import load_config
+
+            load_config(args.config, args.overrides)  # a bad config still fails first, with exit 2
+        print(f"unclip {command}: not implemented yet", file=sys.stderr)
+        return EXIT_RUNTIME
+
+    return handler
+
+
+def _handler(command: str) -> Callable[[argparse.Namespace], int]:
+    target = HANDLERS.get(command)
+    if target is None:
+        return _not_implemented(command)
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(_handler(args.command)(args) or EXIT_OK)
+    except ConfigError as err:
+        print(f"unclip {args.command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"unclip {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
