@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+import math
+from typing import Any, Literal, Optional
 
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
 from pydantic import Field
+from torch import Tensor, nn
 
 from models.config import PositiveFloat, PositiveInt, Probability, config_dataclass
-from models.diffusion import DiffusionConfig
+from models.diffusion import DiffusionConfig, GaussianDiffusion
+from models.layers import timestep_embedding
+from models.pca import PCAQuantizer, ScalarQuantizer
+from models.text_conditioning import TextConditioning, check_text_inputs, draw_bernoulli, resolve_cond_drop
+from models.transformer import CausalTransformer, KVCache, init_weights
 
 
 def _prior_diffusion() -> DiffusionConfig:
@@ -58,3 +67,353 @@ class ARPriorConfig:
     num_buckets: PositiveInt = 1024
     dot_buckets: PositiveInt = 1024  # quantised "dot product with the text embedding" token
     text_drop: Probability = 0.5
+    use_text_encodings: bool = True
+    # sampling conditions on a dot-product code from above this quantile of the training
+    # distribution; unCLIP swept 0.5/0.7/0.85/0.95 and found 0.5 best (Sec. 2.2, footnote 2)
+    sample_dot_quantile: Probability = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_components is not None and self.max_components > self.embed_dim:
+            raise ValueError(
+                f"max_components ({self.max_components}) must be <= embed_dim ({self.embed_dim})"
+            )
+        if self.num_buckets < 2 or self.dot_buckets < 2:
+            raise ValueError(
+                f"num_buckets and dot_buckets must be >= 2, got {self.num_buckets} and {self.dot_buckets}"
+            )
+
+
+# ===================================================================== diffusion prior
+class DiffusionPrior(nn.Module):
+    """unCLIP's diffusion prior: a causal transformer over
+    `[text encodings..., text embed, timestep, noised image embed, query]` whose output at the
+    query, projected to `embed_dim`, is the prediction (`cfg.diffusion.objective`, x0 by default).
+
+    The diffusion runs on image embeddings scaled by `image_embed_scale` (default sqrt(D));
+    `loss` and `sample` take and return unit-norm CLIP embeddings.
+    """
+
+    cond_names = ("text_encodings", "text_embed")
+
+    def __init__(self, cfg: DiffusionPriorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        self.scale = float(cfg.image_embed_scale or math.sqrt(cfg.embed_dim))
+        self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+        self.text = TextConditioning(cfg.embed_dim, cfg.text_width, cfg.max_text_len, dim, cfg.use_text_encodings)
+        self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.image_proj = nn.Linear(cfg.embed_dim, dim)
+        self.query = nn.Parameter(torch.randn(dim) * 0.02)
+        # fixed positions for the 4 trailing tokens, so padding the text changes nothing
+        self.tail_pos = nn.Parameter(torch.randn(4, dim) * 0.02)
+        self.transformer = CausalTransformer(dim, cfg.depth, cfg.heads, cfg.dim_head, cfg.ff_mult, cfg.dropout)
+        self.to_out = nn.Linear(dim, cfg.embed_dim)
+        init_weights(self)
+
+    def draw_cond_drop(
+        self, batch: int, device: torch.device, generator: Optional[torch.Generator] = None
+    ) -> dict[str, Tensor]:
+        """Training-time CFG dropout: `{"text_encodings": [B] bool, "text_embed": [B] bool}`,
+        independent draws with `text_encodings_drop` and `text_embed_drop`."""
+        probs = {"text_encodings": self.cfg.text_encodings_drop, "text_embed": self.cfg.text_embed_drop}
+        return draw_bernoulli(probs, batch, device, generator)
+
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        *,
+        text_embed: Tensor,
+        text_encodings: Optional[Tensor] = None,
+        text_mask: Optional[Tensor] = None,
+        null_cond: Optional[Tensor] = None,
+        cond_drop: Optional[dict[str, Tensor]] = None,
+        return_sequence: bool = False,
+    ) -> Tensor:
+        """`x_t`: noised scaled image embeds `[B, D]`; `t`: `[B]` long; `text_embed`: `[B, D]`
+        unit-norm; `text_encodings`: `[B, L, W]`, `text_mask`: `[B, L]` bool (True = token).
+        `null_cond` `[B]` bool drops every condition; `cond_drop` gives explicit per-condition
+        masks (else drawn while training). Returns `[B, D]`, or the transformer's outputs
+        `[B, L + 4, dim]` with `return_sequence`."""
+        batch, cfg = x_t.shape[0], self.cfg
+        if x_t.shape != (batch, cfg.embed_dim) or t.shape != (batch,):
+            raise ValueError(
+                f"DiffusionPrior: x_t must be [B, {cfg.embed_dim}] and t [B], got {tuple(x_t.shape)} and {tuple(t.shape)}"
+            )
+        check_text_inputs("DiffusionPrior", batch, cfg, text_embed, text_encodings, text_mask)
+        drop = resolve_cond_drop(self, batch, x_t.device, null_cond, cond_drop)
+        text_tokens, keep, embed_token = self.text(
+            text_embed, text_encodings, text_mask, drop["text_encodings"], drop["text_embed"]
+        )
+        dtype = embed_token.dtype
+        time_token = self.time_mlp(timestep_embedding(t, cfg.dim).to(dtype))
+        image_token = self.image_proj(x_t.to(dtype))
+        query = repeat(self.query.to(dtype), "d -> b d", b=batch)
+        tail = torch.stack([embed_token, time_token, image_token, query], dim=1) + self.tail_pos.to(dtype)
+        seq = torch.cat([text_tokens, tail], dim=1)
+        keep = torch.cat([keep, torch.ones(batch, 4, dtype=torch.bool, device=keep.device)], dim=1)
+        out = self.transformer(seq, keep)
+        return out if return_sequence else self.to_out(out[:, -1])
+
+    def loss(
+        self,
+        image_embed: Tensor,
+        text_embed: Tensor,
+        text_encodings: Optional[Tensor] = None,
+        text_mask: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Diffusion loss (float32 scalar) on unit-norm `image_embed` `[B, D]` given the caption;
+        `generator` makes t, the noise and (in training mode) the CFG dropout reproducible."""
+        batch = image_embed.shape[0]
+        if image_embed.shape != (batch, self.cfg.embed_dim):
+            raise ValueError(f"DiffusionPrior.loss: image_embed must be [B, {self.cfg.embed_dim}], got {tuple(image_embed.shape)}")
+        cond = {"text_embed": text_embed, "text_encodings": text_encodings, "text_mask": text_mask}
+        if self.training:
+            cond["cond_drop"] = self.draw_cond_drop(batch, image_embed.device, generator)
+        return self.diffusion.loss(self, image_embed.float() * self.scale, cond=cond, generator=generator)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        text_embed: Tensor,
+        text_encodings: Optional[Tensor] = None,
+        text_mask: Optional[Tensor] = None,
+        *,
+        guidance_scale: Optional[float] = None,
+        steps: Optional[int] = None,
+        sampler: Optional[str] = None,
+        eta: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+        candidates: Optional[int] = None,
+    ) -> Tensor:
+        """Unit-norm image embeddings `[B, D]` for the captions. With `candidates` k > 1, k
+        samples per caption are drawn in one batch and the one with the highest dot product with
+        the text embedding is kept (unCLIP Sec. 2.2). Defaults come from the config."""
+        dc = self.cfg.diffusion
+        k = int(candidates or self.cfg.sample_candidates)
+        batch = text_embed.shape[0]
+
+        def rep(x: Optional[Tensor]) -> Optional[Tensor]:
+            return None if x is None else x.repeat_interleave(k, dim=0)
+
+        def denoise(x_t: Tensor, t: Tensor, null_cond: Optional[Tensor] = None, **cond: Any) -> Tensor:
+            # sampling never draws training-time dropout, whatever mode the module is in
+            if null_cond is None:
+                null_cond = torch.zeros(x_t.shape[0], dtype=torch.bool, device=x_t.device)
+            return self(x_t, t, null_cond=null_cond, **cond)
+
+        cond = {"text_embed": rep(text_embed), "text_encodings": rep(text_encodings), "text_mask": rep(text_mask)}
+        x0 = self.diffusion.sample(
+            denoise,
+            (batch * k, self.cfg.embed_dim),
+            cond=cond,
+            steps=steps or dc.sample_steps,
+            sampler=sampler or dc.sampler,
+            eta=dc.eta if eta is None else eta,
+            guidance_scale=dc.guidance_scale if guidance_scale is None else guidance_scale,
+            clip_x0=dc.clip_x0,
+            dynamic_threshold_percentile=dc.dynamic_threshold_percentile,
+            generator=generator,
+            device=text_embed.device,
+        )
+        embeds = F.normalize(x0.float() / self.scale, dim=-1)
+        return select_candidates(rearrange(embeds, "(b k) d -> b k d", k=k), text_embed)
+
+
+def select_candidates(candidates: Tensor, text_embed: Tensor) -> Tensor:
+    """From `candidates` `[B, k, D]` keep, per row, the one with the highest dot product with
+    `text_embed` `[B, D]` -> `[B, D]`."""
+    scores = torch.einsum("bkd,bd->bk", candidates, text_embed.to(candidates.dtype))
+    best = scores.argmax(dim=1)
+    return candidates[torch.arange(candidates.shape[0], device=candidates.device), best]
+
+
+# ===================================================================== autoregressive prior
+class ARPrior(nn.Module):
+    """unCLIP's autoregressive prior: the image embedding as PCA codes (`fit_pca` first),
+    predicted by a causal transformer over
+    `[text encodings..., text embed, dot-product code, code_0, ..., code_{k-2}]`,
+    the output at each position predicting the next code.
+
+    The dot-product token is the quantised `image_embed . text_embed`; sampling conditions on
+    a code drawn from the top `1 - sample_dot_quantile` of its training distribution.
+    """
+
+    cond_names = ("text",)
+
+    def __init__(self, cfg: ARPriorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        max_k = min(cfg.max_components or cfg.embed_dim, cfg.embed_dim)
+        self.pca = PCAQuantizer(cfg.embed_dim, max_k, cfg.num_buckets, cfg.pca_variance)
+        self.dot_quantizer = ScalarQuantizer(cfg.dot_buckets)
+        self.text = TextConditioning(cfg.embed_dim, cfg.text_width, cfg.max_text_len, dim, cfg.use_text_encodings)
+        self.dot_emb = nn.Embedding(cfg.dot_buckets, dim)
+        self.code_emb = nn.Embedding(cfg.num_buckets, dim)
+        # positions after the text: text embed, dot code, then one per PCA component
+        self.pos = nn.Parameter(torch.randn(2 + max_k, dim) * 0.02)
+        self.transformer = CausalTransformer(dim, cfg.depth, cfg.heads, cfg.dim_head, cfg.ff_mult, cfg.dropout)
+        self.to_logits = nn.Linear(dim, cfg.num_buckets)
+        init_weights(self)
+
+    @property
+    def fitted(self) -> bool:
+        return self.pca.fitted
+
+    @torch.no_grad()
+    def fit_pca(self, image_embeds: Tensor, text_embeds: Optional[Tensor] = None) -> int:
+        """Fit the PCA and code buckets on training image embeddings `[N, D]`; with the paired
+        `text_embeds` `[N, D]` also fit the dot-product buckets to the data (equal mass; else
+        they stay uniform over [-1, 1]). Returns the number of components kept."""
+        k = self.pca.fit(image_embeds)
+        if text_embeds is not None:
+            if text_embeds.shape != image_embeds.shape:
+                raise ValueError(
+                    f"ARPrior.fit_pca: text_embeds {tuple(text_embeds.shape)} must match image_embeds {tuple(image_embeds.shape)}"
+                )
+            self.dot_quantizer.fit((image_embeds.float() * text_embeds.float()).sum(-1))
+        return k
+
+    def draw_cond_drop(
+        self, batch: int, device: torch.device, generator: Optional[torch.Generator] = None
+    ) -> dict[str, Tensor]:
+        """Training-time CFG dropout of the whole caption (encodings and embedding):
+        `{"text": [B] bool}` with probability `text_drop`."""
+        return draw_bernoulli({"text": self.cfg.text_drop}, batch, device, generator)
+
+    def _prefix(self, text_embed, text_encodings, text_mask, dot_codes, drop) -> tuple[Tensor, Tensor]:
+        tokens, keep, embed_token = self.text(text_embed, text_encodings, text_mask, drop["text"], drop["text"])
+        dtype = embed_token.dtype
+        tail = torch.stack([embed_token, self.dot_emb(dot_codes).to(dtype)], dim=1) + self.pos[:2].to(dtype)
+        keep = torch.cat([keep, torch.ones(keep.shape[0], 2, dtype=torch.bool, device=keep.device)], dim=1)
+        return torch.cat([tokens, tail], dim=1), keep
+
+    def _code_tokens(self, codes: Tensor, start: int) -> Tensor:
+        emb = self.code_emb(codes)
+        return emb + self.pos[2 + start : 2 + start + codes.shape[1]].to(emb.dtype)
+
+    def forward(
+        self,
+        codes: Tensor,
+        *,
+        text_embed: Tensor,
+        dot_codes: Tensor,
+        text_encodings: Optional[Tensor] = None,
+        text_mask: Optional[Tensor] = None,
+        null_cond: Optional[Tensor] = None,
+        cond_drop: Optional[dict[str, Tensor]] = None,
+        return_sequence: bool = False,
+    ) -> Tensor:
+        """`codes`: the first n image codes `[B, n]` (teacher forcing, n < max components);
+        `dot_codes`: `[B]`. Returns logits `[B, n + 1, num_buckets]` for codes 0..n, or the
+        transformer's outputs `[B, L + 2 + n, dim]` with `return_sequence`."""
+        batch, n = codes.shape
+        check_text_inputs("ARPrior", batch, self.cfg, text_embed, text_encodings, text_mask)
+        if n >= self.pca.max_components or dot_codes.shape != (batch,):
+            raise ValueError(
+                f"ARPrior: codes must be [B, n < {self.pca.max_components}] and dot_codes [B]; "
+                f"got {tuple(codes.shape)} and {tuple(dot_codes.shape)}"
+            )
+        drop = resolve_cond_drop(self, batch, codes.device, null_cond, cond_drop)
+        prefix, keep = self._prefix(text_embed, text_encodings, text_mask, dot_codes, drop)
+        seq = torch.cat([prefix, self._code_tokens(codes, 0)], dim=1)
+        keep = torch.cat([keep, torch.ones(batch, n, dtype=torch.bool, device=keep.device)], dim=1)
+        out = self.transformer(seq, keep)
+        return out if return_sequence else self.to_logits(out[:, -(n + 1) :])
+
+    def loss(
+        self,
+        image_embed: Tensor,
+        text_embed: Tensor,
+        text_encodings: Optional[Tensor] = None,
+        text_mask: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Teacher-forced cross-entropy (float32 scalar, nats per code) of the image embedding's
+        codes given the caption and the true dot-product code."""
+        if not self.fitted:
+            raise RuntimeError("ARPrior.loss: the PCA is not fitted; call fit_pca(image_embeds, text_embeds) first")
+        codes = self.pca.quantize(image_embed.float())
+        dot_codes = self.dot_quantizer((image_embed.float() * text_embed.float()).sum(-1))
+        drop = self.draw_cond_drop(codes.shape[0], codes.device, generator) if self.training else None
+        logits = self(
+            codes[:, :-1], text_embed=text_embed, dot_codes=dot_codes,
+            text_encodings=text_encodings, text_mask=text_mask, cond_drop=drop,
+        )
+        return F.cross_entropy(rearrange(logits.float(), "b n c -> (b n) c"), codes.flatten())
+
+    def draw_dot_codes(
+        self, batch: int, device: torch.device, generator: Optional[torch.Generator] = None, quantile: Optional[float] = None
+    ) -> Tensor:
+        """Dot-product codes `[B]` drawn uniformly from the top `1 - quantile` of the (equal-mass)
+        buckets; the paper found the top half best (its footnote 2)."""
+        q = self.cfg.sample_dot_quantile if quantile is None else quantile
+        nb = self.cfg.dot_buckets
+        low = min(int(math.floor(q * nb)), nb - 1)
+        gen_device = generator.device if generator is not None else device
+        return torch.randint(low, nb, (batch,), generator=generator, device=gen_device).to(device)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        text_embed: Tensor,
+        text_encodings: Optional[Tensor] = None,
+        text_mask: Optional[Tensor] = None,
+        *,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        guidance_scale: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+        dot_quantile: Optional[float] = None,
+    ) -> Tensor:
+        """Unit-norm image embeddings `[B, D]`: codes one at a time with a key/value cache,
+        classifier-free guidance on the logits (`uncond + s * (cond - uncond)`), temperature
+        (0: greedy) and top-k, then bucket medians, inverse PCA, L2 normalisation."""
+        if not self.fitted:
+            raise RuntimeError("ARPrior.sample: the PCA is not fitted; call fit_pca first or load a fitted state dict")
+        batch, device = text_embed.shape[0], text_embed.device
+        check_text_inputs("ARPrior.sample", batch, self.cfg, text_embed, text_encodings, text_mask)
+        dot_codes = self.draw_dot_codes(batch, device, generator, dot_quantile)
+        guided = guidance_scale != 1.0
+        copies = 2 if guided else 1
+
+        def rep(x: Optional[Tensor]) -> Optional[Tensor]:
+            return None if x is None else torch.cat([x] * copies)
+
+        null = torch.arange(copies * batch, device=device) >= batch
+        prefix, keep = self._prefix(rep(text_embed), rep(text_encodings), rep(text_mask), rep(dot_codes), {"text": null})
+        cache = KVCache(self.cfg.depth)
+        hidden = self.transformer(prefix, keep, cache)[:, -1]
+        codes = []
+        for j in range(self.pca.k):
+            logits = self.to_logits(hidden).float()
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + guidance_scale * (cond - uncond)
+            code = _sample_logits(logits, temperature, top_k, generator)
+            codes.append(code)
+            if j + 1 < self.pca.k:
+                step = self._code_tokens(rep(code)[:, None], j)
+                ones = torch.ones(step.shape[0], 1, dtype=torch.bool, device=device)
+                hidden = self.transformer(step, ones, cache)[:, -1]
+        embeds = self.pca.dequantize(torch.stack(codes, dim=1))
+        return F.normalize(embeds.float(), dim=-1)
+
+
+def _sample_logits(logits: Tensor, temperature: float, top_k: Optional[int], generator: Optional[torch.Generator]) -> Tensor:
+    """One code per row of `logits` `[B, C]`."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        threshold = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
