@@ -253,8 +253,9 @@ class ARPrior(nn.Module):
         self.text = TextConditioning(cfg.embed_dim, cfg.text_width, cfg.max_text_len, dim, cfg.use_text_encodings)
         self.dot_emb = nn.Embedding(cfg.dot_buckets, dim)
         self.code_emb = nn.Embedding(cfg.num_buckets, dim)
-        # positions after the text: text embed, dot code, then one per PCA component
-        self.pos = nn.Parameter(torch.randn(2 + max_k, dim) * 0.02)
+        # positions after the text: text embed, dot code, then one per PCA component (an
+        # Embedding, looked up through its own forward, so ZeRO-3 gathers it in `sample` too)
+        self.pos_emb = nn.Embedding(2 + max_k, dim)
         self.transformer = CausalTransformer(dim, cfg.depth, cfg.heads, cfg.dim_head, cfg.ff_mult, cfg.dropout)
         self.to_logits = nn.Linear(dim, cfg.num_buckets)
         init_weights(self)
@@ -287,13 +288,17 @@ class ARPrior(nn.Module):
     def _prefix(self, text_embed, text_encodings, text_mask, dot_codes, drop) -> tuple[Tensor, Tensor]:
         tokens, keep, embed_token = self.text(text_embed, text_encodings, text_mask, drop["text"], drop["text"])
         dtype = embed_token.dtype
-        tail = torch.stack([embed_token, self.dot_emb(dot_codes).to(dtype)], dim=1) + self.pos[:2].to(dtype)
+        tail = torch.stack([embed_token, self.dot_emb(dot_codes).to(dtype)], dim=1) + self._positions(0, 2, dtype)
         keep = torch.cat([keep, torch.ones(keep.shape[0], 2, dtype=torch.bool, device=keep.device)], dim=1)
         return torch.cat([tokens, tail], dim=1), keep
 
+    def _positions(self, start: int, count: int, dtype: torch.dtype) -> Tensor:
+        idx = torch.arange(start, start + count, device=self.pos_emb.weight.device)
+        return self.pos_emb(idx).to(dtype)
+
     def _code_tokens(self, codes: Tensor, start: int) -> Tensor:
         emb = self.code_emb(codes)
-        return emb + self.pos[2 + start : 2 + start + codes.shape[1]].to(emb.dtype)
+        return emb + self._positions(2 + start, codes.shape[1], emb.dtype)
 
     def forward(
         self,

@@ -96,9 +96,15 @@ def resolve_cond_drop(
             cond_drop = module.draw_cond_drop(batch, device)
         else:
             cond_drop = {k: torch.zeros(batch, dtype=torch.bool, device=device) for k in module.cond_names}
+    if set(cond_drop) != set(module.cond_names) or any(v.shape != (batch,) for v in cond_drop.values()):
+        shapes = {k: tuple(v.shape) for k, v in cond_drop.items()}
+        raise ValueError(f"cond_drop must map exactly {list(module.cond_names)} to [{batch}] bool masks, got {shapes}")
+    cond_drop = {k: v.to(device=device, dtype=torch.bool) for k, v in cond_drop.items()}
     if null_cond is not None:
+        if null_cond.shape != (batch,):
+            raise ValueError(f"null_cond must be a [{batch}] bool mask, got shape {tuple(null_cond.shape)}")
         null_cond = null_cond.to(device=device, dtype=torch.bool)
-        cond_drop = {k: v.to(device) | null_cond for k, v in cond_drop.items()}
+        cond_drop = {k: v | null_cond for k, v in cond_drop.items()}
     return cond_drop
 
 

@@ -269,3 +269,24 @@ def test_demo_config_builds_a_tiny_prior():
     cfg = build_config(DiffusionPriorConfig, job["model"], str(path))
     m = DiffusionPrior(cfg)
     assert sum(p.numel() for p in m.parameters()) < 2_000_000
+
+
+def test_bad_drop_masks_are_rejected():
+    m = model()
+    image, text, enc, mask = batch()
+    t = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="null_cond"):
+        m(image, t, text_embed=text, text_encodings=enc, text_mask=mask, null_cond=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="cond_drop"):
+        m(image, t, text_embed=text, text_encodings=enc, text_mask=mask, cond_drop={"text": torch.ones(4, dtype=torch.bool)})
+
+
+def test_deepcopy_for_ema():
+    import copy
+
+    m = model()
+    clone = copy.deepcopy(m)
+    image, text, enc, mask = batch()
+    t = torch.tensor([3, 4, 5, 6])
+    kw = dict(text_embed=text, text_encodings=enc, text_mask=mask)
+    torch.testing.assert_close(clone(image, t, **kw), m(image, t, **kw))
