@@ -71,6 +71,7 @@ class UpsamplerConfig:
     # Paper: Gaussian blur for the first upsampler, BSR degradation for the second.
     degradation: Literal["gaussian_blur", "bsr"] = "gaussian_blur"
     blur_sigma: tuple[NonNegativeFloat, NonNegativeFloat] = (0.4, 0.6)
+    blur_kernel_size: Optional[PositiveInt] = None  # odd; None: 3 sigma either side (paper: 3)
     unet: UNetConfig = Field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = Field(default_factory=_image_diffusion)
     bsr: BSRConfig = Field(default_factory=BSRConfig)  # used when degradation is "bsr"
@@ -90,6 +91,8 @@ class UpsamplerConfig:
         _check_divisible(self.image_size, self.unet, "image_size")
         if self.blur_sigma[0] > self.blur_sigma[1]:
             raise ValueError(f"blur_sigma: low ({self.blur_sigma[0]}) must be <= high ({self.blur_sigma[1]})")
+        if self.blur_kernel_size is not None and self.blur_kernel_size % 2 == 0:
+            raise ValueError(f"blur_kernel_size must be odd, got {self.blur_kernel_size}")
         if self.train_crop_size is not None:
             scale = self.image_size // self.lowres_size
             if self.image_size % self.lowres_size or self.train_crop_size % scale or self.train_crop_size > self.image_size:
@@ -309,7 +312,7 @@ class Upsampler(nn.Module):
         """The training corruption of the low-res conditioning image, `cfg.degradation`."""
         if self.cfg.degradation == "bsr":
             return bsr_degrade(lowres, self.cfg.bsr, generator)
-        return random_gaussian_blur(lowres, self.cfg.blur_sigma, generator)
+        return random_gaussian_blur(lowres, self.cfg.blur_sigma, generator, self.cfg.blur_kernel_size)
 
     def make_lowres(self, images: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """Training input: `images` downsampled by image_size / lowres_size (antialiased) and degraded."""

@@ -66,13 +66,18 @@ def _gaussian_kernels(sigma: Tensor, radius: int) -> Tensor:
     return kernel / kernel.sum(dim=1, keepdim=True)
 
 
-def gaussian_blur(images: Tensor, sigma: Tensor, sigma_y: Optional[Tensor] = None) -> Tensor:
+def gaussian_blur(
+    images: Tensor, sigma: Tensor, sigma_y: Optional[Tensor] = None, kernel_size: Optional[int] = None
+) -> Tensor:
     """Blur each image with its own Gaussian: `sigma` (`[batch]`, pixels) along x, `sigma_y`
-    (default: `sigma`) along y. Reflect padding keeps the border bright."""
+    (default: `sigma`) along y, over an odd `kernel_size` window (default: 3 sigma either side,
+    which holds 99.7% of the mass). Reflect padding keeps the border bright."""
     batch, channels, height, width = images.shape
     sigma_y = sigma if sigma_y is None else sigma_y
-    # 3 sigma holds 99.7% of the mass; reflect padding needs the radius below the side length
-    radius = int(math.ceil(3 * float(torch.maximum(sigma, sigma_y).max())))
+    if kernel_size is not None and kernel_size % 2 == 0:
+        raise ValueError(f"gaussian_blur: kernel_size must be odd, got {kernel_size}")
+    radius = kernel_size // 2 if kernel_size else int(math.ceil(3 * float(torch.maximum(sigma, sigma_y).max())))
+    # reflect padding needs the radius below the side length
     radius = max(0, min(radius, height - 1, width - 1))
     if radius == 0:
         return images
@@ -88,11 +93,15 @@ def gaussian_blur(images: Tensor, sigma: Tensor, sigma_y: Optional[Tensor] = Non
 
 
 def random_gaussian_blur(
-    images: Tensor, sigma_range: tuple[float, float], generator: Optional[torch.Generator] = None
+    images: Tensor,
+    sigma_range: tuple[float, float],
+    generator: Optional[torch.Generator] = None,
+    kernel_size: Optional[int] = None,
 ) -> Tensor:
-    """The first upsampler's corruption: isotropic blur with sigma ~ U(sigma_range) per image."""
+    """The first upsampler's corruption: isotropic blur with sigma ~ U(sigma_range) per image
+    (unCLIP appendix C, after Saharia et al. 2021 (SR3): kernel size 3, sigma 0.6)."""
     sigma = _uniform(*sigma_range, images.shape[0], images, generator)
-    return gaussian_blur(images, sigma).clamp(-1, 1)
+    return gaussian_blur(images, sigma, kernel_size=kernel_size).clamp(-1, 1)
 
 
 # ------------------------------------------------------------------------------- JPEG

@@ -43,6 +43,13 @@ def test_gaussian_blur_identities():
     blurred = gaussian_blur(noise, torch.tensor([0.5, 2.0]))
     var = blurred.flatten(1).var(dim=1)
     assert var[1] < var[0] < noise.flatten(1).var(dim=1).min()
+    # a 3-tap kernel only mixes neighbours: a single bright pixel spreads to its 3x3 window
+    dot = torch.zeros(1, 1, 9, 9)
+    dot[..., 4, 4] = 1.0
+    spread = gaussian_blur(dot, torch.tensor([0.6]), kernel_size=3)[0, 0]
+    assert (spread > 0).sum() == 9 and spread[3:6, 3:6].sum().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="odd"):
+        gaussian_blur(dot, torch.tensor([0.6]), kernel_size=4)
     # each image gets its own sigma: blurring the batch equals blurring images one by one
     torch.testing.assert_close(blurred[1:], gaussian_blur(noise[1:], torch.tensor([2.0])))
 
