@@ -17,7 +17,9 @@ EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
 # command -> "module:function" taking the parsed args and returning an exit code;
 # resolved lazily so `unclip --help` does not import torch.
-HANDLERS: dict[str, str] = {}
+HANDLERS: dict[str, str] = {
+    "report": "launch.report_cmd:main",
+}
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
