@@ -141,8 +141,8 @@ def test_job_aggregate_comes_from_one_all_reduce(monkeypatch):
 
 def test_ranks_without_a_process_group_export_only_their_own(tmp_path):
     m = Metrics("pre", "precompute", 1, 4, tmp_path, MetricsConfig(), console=False)
-    assert not m.exports  # not rank 0 and not per-rank: nothing to serve
     m.start()
+    assert m.exports  # no process group: rank 0 cannot aggregate, so every rank serves its own
     assert _log(m, 3, 30) is None  # only rank 0 writes records
     m.precompute_progress(samples=120, shards=2)
     m.close()
@@ -228,3 +228,17 @@ def test_null_metrics_has_the_same_interface():
 def test_rank_outside_world_is_rejected():
     with pytest.raises(ValueError, match="rank 2"):
         Metrics("j", "prior", 2, 2, None, MetricsConfig())
+
+
+def test_in_a_process_group_only_rank0_serves_unless_per_rank(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert not Metrics("j", "prior", 1, 2, None, MetricsConfig(port=9), console=False).start().exports
+    assert Metrics("j", "prior", 1, 2, None, MetricsConfig(), per_rank=True, console=False).start().exports
+
+
+def test_readme_lists_every_metric():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "configs" / "monitoring" / "README.md").read_text()
+    for name in SPECS:
+        assert f"| `{name}` |" in readme, f"configs/monitoring/README.md does not document {name}"

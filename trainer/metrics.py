@@ -267,8 +267,8 @@ class Metrics:
         self.local_rank, self.cfg, self.console = local_rank, cfg, console
         self.push_interval_s = push_interval_s
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        per_rank = bool(getattr(cfg, "per_rank", False)) if per_rank is None else per_rank
-        self.exports = rank == 0 or per_rank
+        self.per_rank = bool(getattr(cfg, "per_rank", False)) if per_rank is None else per_rank
+        self.exports = rank == 0 or self.per_rank  # settled in start(), once the process group exists
         self.port: Optional[int] = None  # the port actually served, once started
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
@@ -289,9 +289,12 @@ class Metrics:
     def start(self) -> "Metrics":
         """Serve (or prepare pushing) and open metrics.jsonl; call once, before the loop."""
         self._started_at = time.time()
-        mine = str(self.rank)
-        self._set("unclip_start_timestamp_seconds", self._started_at, mine)
-        self._set("unclip_world_size", self.world_size, mine)
+        with self._lock:
+            self._series[("unclip_start_timestamp_seconds", str(self.rank), "")] = self._started_at
+            self._series[("unclip_world_size", str(self.rank), "")] = float(self.world_size)
+        # ranks that never meet in a process group (a precompute job array) cannot send their
+        # values to rank 0, so each of them serves its own
+        self.exports = self.exports or not self._joined()
         if self.exports and self.cfg.pushgateway:
             instance = f"{self.stage}-rank{self.rank}"
             self._pusher = _Pusher(self.cfg.pushgateway, self.job, instance, self.registry, self.push_interval_s)
@@ -449,16 +452,16 @@ class Metrics:
         # job-wide events (skipped steps, checkpoints) stand for the job on rank 0
         return [str(self.rank), AGGREGATE_RANK] if self.rank == 0 else [str(self.rank)]
 
-    def _set(self, name: str, value: float, rank: str, reason: str = "") -> None:
-        with self._lock:
-            self._series[(name, rank, reason)] = float(value)
+    def _joined(self) -> bool:
+        """Whether rank 0 can learn the job's values (one rank, or a process group)."""
+        return self.world_size == 1 or (torch.distributed.is_available() and torch.distributed.is_initialized())
 
     def _reduce(self, local: dict[str, float], comps: list[str], skips: list[float]):
         """Job values from one all-reduce; (None, None) where no process group joins the ranks."""
         if self.world_size == 1:
             return dict(local), list(skips)
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return None, None  # e.g. a precompute job array: no collectives, per-rank only
+        if not self._joined():
+            return None, None  # no collectives: per-rank series only
         mean_keys = list(_MEAN_KEYS) + comps
         keys = mean_keys + list(_SUM_KEYS)
         device = torch.device("cpu")
