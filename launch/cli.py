@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, metavar="N", help="number of samples (shapes: required size of the set)")
     p.add_argument("--size", type=int, metavar="PX", help="image size (shapes: render size; others: resize)")
     p.add_argument("--seed", type=int, default=0, metavar="S")
-    p.add_argument("--format", dest="image_format", choices=["jpg", "png", "webp"], default="jpg")
+    p.add_argument("--format", dest="image_format", choices=["jpg", "png", "webp"],
+                   help="re-encode format (default: png for shapes, jpg otherwise)")
     p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
     p.add_argument("--min-size", type=int, default=0, metavar="PX", help="skip images smaller than this")
 

@@ -23,15 +23,33 @@ from torch import Tensor, nn
 def column_quantiles(x: Tensor, q: Tensor) -> Tensor:
     """Quantiles `q` `[Q]` of each column of `x` `[N, C]` (linear interpolation) -> `[Q, C]`.
 
-    Sorting instead of `torch.quantile`, which refuses inputs above 16M elements.
+    Sorting instead of `torch.quantile`, which refuses inputs above 16M elements; rows of the
+    transpose, because sorting contiguous rows is about twice as fast as strided columns.
     """
     n = x.shape[0]
-    sorted_x = x.sort(dim=0).values
-    pos = q.to(x.dtype) * (n - 1)
+    sorted_rows = x.T.contiguous().sort(dim=1).values  # [C, N]
+    pos = q.to(device=x.device, dtype=torch.float64) * (n - 1)
     lo = pos.floor().long().clamp(0, n - 1)
     hi = (lo + 1).clamp(max=n - 1)
-    frac = (pos - lo.to(x.dtype))[:, None]
-    return sorted_x[lo] * (1 - frac) + sorted_x[hi] * frac
+    frac = (pos - lo.to(torch.float64)).to(x.dtype)
+    return (sorted_rows[:, lo] * (1 - frac) + sorted_rows[:, hi] * frac).T
+
+
+_CHUNK = 65536  # rows per matmul when fitting: float64 copies of millions of embeddings add up
+
+
+def _mean_and_covariance(x: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Float64 mean `[D]` and sample covariance `[D, D]` of `x` `[N, D]`, a chunk at a time."""
+    n = x.shape[0]
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
+    for chunk in x.split(_CHUNK):
+        total += chunk.to(device=device, dtype=torch.float64).sum(dim=0)
+    mean = total / n
+    cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=device)
+    for chunk in x.split(_CHUNK):
+        centered = chunk.to(device=device, dtype=torch.float64) - mean
+        cov += centered.T @ centered
+    return mean, cov / (n - 1)
 
 
 class _FullPrecisionBuffers(nn.Module):
@@ -86,10 +104,7 @@ class PCAQuantizer(_FullPrecisionBuffers):
             raise ValueError(f"PCAQuantizer.fit: expected [N, {self.dim}], got {tuple(x.shape)}")
         if x.shape[0] < 2:
             raise ValueError(f"PCAQuantizer.fit: need at least 2 embeddings, got {x.shape[0]}")
-        x64 = x.detach().to(device=self.mean.device, dtype=torch.float64)
-        mean = x64.mean(dim=0)
-        centered = x64 - mean
-        cov = centered.T @ centered / (x64.shape[0] - 1)
+        mean, cov = _mean_and_covariance(x.detach(), self.mean.device)
         eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
         eigvals, eigvecs = eigvals.flip(0).clamp(min=0), eigvecs.flip(1)
         share = eigvals.cumsum(0) / eigvals.sum().clamp(min=1e-30)
@@ -97,7 +112,11 @@ class PCAQuantizer(_FullPrecisionBuffers):
         k = int((share < self.variance - 1e-9).sum().item()) + 1
         k = min(k, self.max_components)
         components = eigvecs[:, :k].T  # [k, D]
-        coeffs = centered @ components.T  # [N, k]
+        # [N, k] in float32, which halves the memory of the sort in the quantiles
+        coeffs = torch.cat([
+            ((chunk.to(device=mean.device, dtype=torch.float64) - mean) @ components.T).float()
+            for chunk in x.detach().split(_CHUNK)
+        ])
         nb = self.num_buckets
         edges = column_quantiles(coeffs, torch.arange(1, nb, dtype=torch.float64) / nb).T
         centers = column_quantiles(coeffs, (torch.arange(nb, dtype=torch.float64) + 0.5) / nb).T

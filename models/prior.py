@@ -192,7 +192,9 @@ class DiffusionPrior(nn.Module):
         samples per caption are drawn in one batch and the one with the highest dot product with
         the text embedding is kept (unCLIP Sec. 2.2). Defaults come from the config."""
         dc = self.cfg.diffusion
-        k = int(candidates or self.cfg.sample_candidates)
+        k = self.cfg.sample_candidates if candidates is None else int(candidates)
+        if k < 1:
+            raise ValueError(f"DiffusionPrior.sample: candidates must be >= 1, got {k}")
         batch = text_embed.shape[0]
 
         def rep(x: Optional[Tensor]) -> Optional[Tensor]:

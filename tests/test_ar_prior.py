@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.pca import PCAQuantizer, ScalarQuantizer
+from models.pca import PCAQuantizer, ScalarQuantizer, column_quantiles
 from models.prior import ARPrior, ARPriorConfig
 
 D, W, L = 16, 12, 8
@@ -99,6 +99,12 @@ def test_quantiser_errors_before_fit_and_on_bad_shapes():
         pca.fit(torch.randn(10, 7))
     with pytest.raises(ValueError, match="max_components"):
         PCAQuantizer(8, 9, 16)
+
+
+def test_column_quantiles_match_torch_quantile():
+    x = torch.randn(1001, 3, generator=torch.Generator().manual_seed(0))
+    q = torch.tensor([0.0, 0.1, 0.5, 0.999, 1.0])
+    torch.testing.assert_close(column_quantiles(x, q), torch.quantile(x, q, dim=0))
 
 
 def test_scalar_quantiser_equal_mass():
