@@ -18,6 +18,7 @@ EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 # command -> "module:function" taking the parsed args and returning an exit code;
 # resolved lazily so `unclip --help` does not import torch.
 HANDLERS: dict[str, str] = {
+    "shards": "launch.shards_cmd:main",
     "report": "launch.report_cmd:main",
 }
 
