@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -28,3 +28,21 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
+
+
+class FullPrecisionBuffers(nn.Module):
+    """A module whose buffers follow device moves but never dtype casts.
+
+    `model.to(torch.bfloat16)` (as mixed-precision engines do) casts buffers too, which rounds
+    tables that need every digit: quantile edges, a PCA basis, noise-schedule coefficients.
+    Subclass this instead of `nn.Module` to keep them in the dtype they were created in.
+    """
+
+    def _apply(self, fn, recurse=True):
+        originals = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in originals.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)  # the move, from the unrounded original
+        return self

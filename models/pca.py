@@ -17,7 +17,9 @@ fit between models of the same config.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from models.layers import FullPrecisionBuffers
 
 
 def column_quantiles(x: Tensor, q: Tensor) -> Tensor:
@@ -52,21 +54,7 @@ def _mean_and_covariance(x: Tensor, device: torch.device) -> tuple[Tensor, Tenso
     return mean, cov / (n - 1)
 
 
-class _FullPrecisionBuffers(nn.Module):
-    """Buffers follow device moves but never dtype casts: `model.to(torch.bfloat16)` (as mixed
-    precision engines do) would merge neighbouring quantile edges and round the PCA basis."""
-
-    def _apply(self, fn, recurse=True):
-        originals = dict(self._buffers)
-        super()._apply(fn, recurse)
-        for name, old in originals.items():
-            new = self._buffers[name]
-            if old is not None and new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(device=new.device)  # the move, from the unrounded original
-        return self
-
-
-class PCAQuantizer(_FullPrecisionBuffers):
+class PCAQuantizer(FullPrecisionBuffers):
     """PCA to the fewest components holding `variance` of the variance, then quantile buckets.
 
     `dim`: the embedding size D; `max_components`: the most components kept (and the buffer
@@ -162,7 +150,7 @@ class PCAQuantizer(_FullPrecisionBuffers):
         return self.unproject(coeffs)
 
 
-class ScalarQuantizer(_FullPrecisionBuffers):
+class ScalarQuantizer(FullPrecisionBuffers):
     """Equal-mass buckets of one scalar (the AR prior's image-text dot product token).
 
     Before `fit` the buckets are uniform over `[low, high]`. With equal-mass buckets a code's

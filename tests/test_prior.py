@@ -290,3 +290,17 @@ def test_deepcopy_for_ema():
     t = torch.tensor([3, 4, 5, 6])
     kw = dict(text_embed=text, text_encodings=enc, text_mask=mask)
     torch.testing.assert_close(clone(image, t, **kw), m(image, t, **kw))
+
+
+def test_full_precision_buffers_ignore_dtype_casts():
+    from models.layers import FullPrecisionBuffers
+
+    class Table(FullPrecisionBuffers):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("values", torch.tensor([1.0 + 2**-12]))
+            self.proj = torch.nn.Linear(2, 2)
+
+    table = Table().to(torch.bfloat16)
+    assert table.proj.weight.dtype == torch.bfloat16
+    assert table.values.dtype == torch.float32 and table.values.item() == 1.0 + 2**-12
