@@ -288,6 +288,9 @@ class ARPrior(nn.Module):
         return draw_bernoulli({"text": self.cfg.text_drop}, batch, device, generator)
 
     def _prefix(self, text_embed, text_encodings, text_mask, dot_codes, drop) -> tuple[Tensor, Tensor]:
+        """`[text encodings..., text embed, dot code]` tokens and their key mask. A dropped
+        caption keeps its dot-product token: guidance then contrasts caption against no caption
+        at the same requested image-text agreement."""
         tokens, keep, embed_token = self.text(text_embed, text_encodings, text_mask, drop["text"], drop["text"])
         dtype = embed_token.dtype
         tail = torch.stack([embed_token, self.dot_emb(dot_codes).to(dtype)], dim=1) + self._positions(0, 2, dtype)
