@@ -22,9 +22,12 @@ import os
 import re
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
+TARGETS_ENV = "UNCLIP_PROMETHEUS_TARGETS"  # the folder the scrape config watches
+PER_RANK_ENV = "UNCLIP_METRICS_PER_RANK"  # the same switch trainer/metrics.py reads in every rank
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -80,6 +83,35 @@ def remove_targets(targets_dir: Path | str, job: str) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+@contextmanager
+def published(
+    job: str,
+    stage: str,
+    hosts: Sequence[str],
+    port: Optional[int],
+    nproc_per_node: int = 1,
+    per_rank: Optional[bool] = None,
+    targets_dir: Optional[Path | str] = None,
+) -> Iterator[Optional[Path]]:
+    """For a launcher: the job's SD file exists while the `with` block (the job) runs.
+
+    `targets_dir` defaults to $UNCLIP_PROMETHEUS_TARGETS and `per_rank` to
+    $UNCLIP_METRICS_PER_RANK (what the ranks themselves read); without a folder or a
+    metrics port nothing is written and the block runs as is.
+    """
+    targets_dir = targets_dir or os.environ.get(TARGETS_ENV)
+    if not targets_dir or port is None:
+        yield None
+        return
+    if per_rank is None:
+        per_rank = os.environ.get(PER_RANK_ENV, "0").strip().lower() in ("1", "true", "yes")
+    path = write_targets(targets_dir, job, stage, hosts, port, nproc_per_node, per_rank)
+    try:
+        yield path
+    finally:
+        remove_targets(targets_dir, job)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -232,8 +232,11 @@ def test_rank_outside_world_is_rejected():
 
 def test_in_a_process_group_only_rank0_serves_unless_per_rank(monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    assert not Metrics("j", "prior", 1, 2, None, MetricsConfig(port=9), console=False).start().exports
+    monkeypatch.delenv(M.PER_RANK_ENV, raising=False)
+    assert not Metrics("j", "prior", 1, 2, None, MetricsConfig(), console=False).start().exports
     assert Metrics("j", "prior", 1, 2, None, MetricsConfig(), per_rank=True, console=False).start().exports
+    monkeypatch.setenv(M.PER_RANK_ENV, "1")  # what a launcher sets for all its ranks
+    assert Metrics("j", "prior", 1, 2, None, MetricsConfig(), console=False).start().exports
 
 
 def test_readme_lists_every_metric():
@@ -242,3 +245,15 @@ def test_readme_lists_every_metric():
     readme = (Path(__file__).resolve().parents[1] / "configs" / "monitoring" / "README.md").read_text()
     for name in SPECS:
         assert f"| `{name}` |" in readme, f"configs/monitoring/README.md does not document {name}"
+
+
+def test_other_ranks_take_part_in_the_reduce_but_do_not_speak_for_the_job(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: calls.append(t))
+    m = Metrics("j", "prior", 1, 2, None, MetricsConfig(), per_rank=True, console=False).start()
+    assert _log(m, 5, 40) is None
+    m.close()
+    assert len(calls) == 1  # the collective happens on every rank
+    assert {rank for (_, rank, _) in m._series} == {"1"} and set(m._hists) == {"1"}

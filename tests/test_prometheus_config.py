@@ -53,3 +53,15 @@ def test_promtool_accepts_config_and_rules():
     for args in (["check", "rules", "unclip-rules.yml"], ["check", "config", "prometheus.yml"]):
         out = subprocess.run(["promtool", *args], cwd=MONITORING, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_published_targets_live_as_long_as_the_job(tmp_path, monkeypatch):
+    from launch.monitoring import published
+
+    monkeypatch.setenv("UNCLIP_PROMETHEUS_TARGETS", str(tmp_path))
+    monkeypatch.setenv("UNCLIP_METRICS_PER_RANK", "1")
+    with published("j", "prior", ["127.0.0.1"], 9300, nproc_per_node=2) as path:
+        assert json.loads(path.read_text())[0]["targets"] == ["127.0.0.1:9300", "127.0.0.1:9301"]
+    assert not path.exists()
+    with published("j", "prior", ["127.0.0.1"], None) as nothing:  # no metrics port: nothing to scrape
+        assert nothing is None and not list(tmp_path.iterdir())

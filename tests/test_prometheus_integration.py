@@ -1,10 +1,9 @@
-"""A real Prometheus scrapes a 2-rank job through the shipped scrape config and rules.
+"""A real Prometheus scrapes a real 2-rank training job through the shipped config and rules.
 
 Starts Debian's `prometheus` on 127.0.0.1 (free port, temp TSDB, scrape every second) with
-configs/monitoring/prometheus.yml, writes the job's file-SD targets the way a launcher
-does, runs a 2-rank gloo job that logs through `trainer.metrics.Metrics` exactly as the
-trainer does (one all-reduce per logging step, per-rank exporters on port + local rank),
-then asks Prometheus's HTTP API what it scraped.
+configs/monitoring/prometheus.yml, publishes the job's file-SD targets the way a launcher
+does (launch/monitoring.py), runs `unclip train --nproc 2` on the demo prior (synthetic
+data) with per-rank exporters, then asks Prometheus's HTTP API what it scraped.
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "configs" / "monitoring"
-JOB, STAGE = "itest", "decoder"
-STEPS, LOG_EVERY, BATCH = 40, 4, 8
+JOB, STAGE = "itest", "prior"
+STEPS, LOG_EVERY, BATCH = 100, 2, 4
 
 pytestmark = pytest.mark.slow
 
@@ -97,53 +96,52 @@ def _start_prometheus(tmp_path: Path, port: int) -> subprocess.Popen:
     pytest.fail("prometheus did not become ready:\n" + (tmp_path / "prometheus.log").read_text()[-3000:])
 
 
-def _run_job(tmp_path: Path, metrics_port: int) -> None:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_ports(1)), WORLD_SIZE="2", OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(metrics_port), str(tmp_path / "run")],
-            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out
+def _train(run_dir: Path, metrics_port: int) -> None:
+    """`unclip train --nproc 2` of the demo prior, exporting from both ranks."""
+    command = [sys.executable, "-m", "launch", "train", "--config", str(ROOT / "configs" / "demo" / "prior.yaml")]
+    command += ["--run-dir", str(run_dir), "--nproc", "2", "--metrics-port", str(metrics_port)]
+    for override in (f"name={JOB}", f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}",
+                     f"train.micro_batch_size={BATCH}", "checkpoint.every_steps=1000"):
+        command += ["--set", override]
+    env = dict(os.environ, UNCLIP_METRICS_PER_RANK="1", OMP_NUM_THREADS="1")
+    out = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian's `prometheus` binary is not installed (.ci/run installs it)")
 def test_real_prometheus_scrapes_both_ranks(tmp_path):
-    from launch.monitoring import remove_targets, write_targets
+    from launch.monitoring import published
 
     prom_port, metrics_port = _free_ports(1), _free_ports(2)
     prom = f"http://127.0.0.1:{prom_port}"
-    write_targets(tmp_path / "targets", JOB, STAGE, ["127.0.0.1"], metrics_port, nproc_per_node=2, per_rank=True)
     server = _start_prometheus(tmp_path, prom_port)
     try:
-        _run_job(tmp_path, metrics_port)
-        remove_targets(tmp_path / "targets", JOB)
+        with published(JOB, STAGE, ["127.0.0.1"], metrics_port, nproc_per_node=2, per_rank=True, targets_dir=tmp_path / "targets"):
+            _train(tmp_path / "run", metrics_port)
         window = f'{{job="{JOB}",stage="{STAGE}"}}[5m]'
 
-        def by_rank(name: str) -> dict[str, list[float]]:
-            return {s["metric"]["rank"]: [float(v) for _, v in s["values"]] for s in _query(prom, name + window)}
+        def by_rank(name: str) -> dict[str, list[tuple[float, float]]]:
+            result = _query(prom, name + window)
+            ranks = [s["metric"]["rank"] for s in result]
+            assert len(ranks) == len(set(ranks)), f"{name}: a rank's series came from two targets: {result}"
+            return {s["metric"]["rank"]: [(t, float(v)) for t, v in s["values"]] for s in result}
 
         loss, samples, steps = by_rank("unclip_loss"), by_rank("unclip_samples_total"), by_rank("unclip_step_time_seconds_count")
         for series in (loss, samples, steps):
             assert {"0", "1", "all"} <= set(series), series.keys()
-        for rank, values in samples.items():
+        for rank, points in samples.items():
+            values = [v for _, v in points]
             assert all(b >= a for a, b in zip(values, values[1:])), f"samples_total of rank {rank} went down: {values}"
             assert len(set(values)) >= 2, f"rank {rank}: expected the counter to grow across scrapes, got {values}"
-        per_rank_final = STEPS * BATCH
-        assert samples["0"][-1] == samples["1"][-1] == per_rank_final
-        assert samples["all"][-1] == 2 * per_rank_final
-        assert steps["0"][-1] == STEPS  # one histogram count per optimizer step
-        # the job's loss is the mean of the ranks' (rank r logs 1/(step + r))
-        last = STEPS
-        assert loss["all"][-1] == pytest.approx((1 / last + 1 / (last + 1)) / 2)
+        # rank 0 serves its own and the job's series in one scrape: the job's samples are the
+        # sum over both ranks, which consume equal shares
+        own, job = dict(samples["0"]), dict(samples["all"])
+        common = sorted(set(own) & set(job))
+        assert common and all(job[t] == 2 * own[t] for t in common)
+        records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["step"] == STEPS and records[-1]["unclip_samples_total"] == STEPS * BATCH * 2
+        assert max(job.values()) <= STEPS * BATCH * 2
+        assert (tmp_path / "run" / "report.png").is_file()
         # the shipped recording rules load and evaluate on these series
         rule = _query(prom, f'job_stage:unclip_samples_per_second:sum{{job="{JOB}"}}[5m]')
         assert rule and rule[0]["metric"]["stage"] == STAGE
@@ -167,35 +165,3 @@ def _dashboard_exprs(dashboard: dict) -> list[str]:
         panels.append(panel)
         panels.extend(panel.get("panels", []))
     return [t["expr"] for p in panels for t in p.get("targets", [])]
-
-
-def _stand_in_rank(metrics_port: int, run_dir: str) -> None:
-    """One rank of a 2-rank job logging like trainer/loop.py: a logging step every LOG_EVERY steps."""
-    import torch.distributed as dist
-
-    from trainer.config import MetricsConfig
-    from trainer.metrics import Metrics
-
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    cfg = MetricsConfig(port=metrics_port, peak_flops=1e10)
-    metrics = Metrics(JOB, STAGE, rank, 2, Path(run_dir), cfg, local_rank, per_rank=True).start()
-    assert metrics.port == metrics_port + local_rank
-    step_time = 0.12
-    for step in range(1, STEPS + 1):
-        time.sleep(step_time)
-        if step % LOG_EVERY == 0:
-            metrics.set_skipped_samples({"undecodable_image": step // 10})
-            metrics.log_step(
-                step, loss=1 / (step + rank), samples_total=step * BATCH, lr=1e-3, grad_norm=1.0,
-                step_time_s=step_time, data_wait_s=0.01, components={"mse": 0.5 / step}, flops_per_sample=1e6,
-            )
-    metrics.checkpoint_saved(STEPS, 0.5)
-    time.sleep(2.5)  # let the last values be scraped before the servers go away
-    metrics.close()
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    _stand_in_rank(int(sys.argv[1]), sys.argv[2])

@@ -53,6 +53,7 @@ SAMPLE_SKIP_REASONS = tuple(DATA_SKIP_REASONS) + ("other",)
 MAX_STEP_SKIP_REASONS = 16
 COMPONENT_PREFIX = "unclip_loss_"  # loss components: unclip_loss_<name>, one gauge each
 MAX_COMPONENTS = 16
+PER_RANK_ENV = "UNCLIP_METRICS_PER_RANK"
 
 
 @dataclass(frozen=True)
@@ -243,8 +244,9 @@ class Metrics:
 
     `job` is the job's name (config `name`), `stage` its stage (`prior`, `decoder`, ...,
     `precompute`). `run_dir` gets metrics.jsonl (rank 0 only); None writes no files.
-    `per_rank` (default: `cfg.per_rank` where the config has it, else False) makes every
-    rank export its own series, on `cfg.port + local_rank`.
+    `per_rank` makes every rank export its own series, on `cfg.port + local_rank`; by
+    default it is `cfg.per_rank` where the config has that key, else the environment
+    variable UNCLIP_METRICS_PER_RANK=1 (set it for the launcher; it reaches every rank).
     """
 
     def __init__(
@@ -267,7 +269,11 @@ class Metrics:
         self.local_rank, self.cfg, self.console = local_rank, cfg, console
         self.push_interval_s = push_interval_s
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.per_rank = bool(getattr(cfg, "per_rank", False)) if per_rank is None else per_rank
+        if per_rank is None:
+            per_rank = getattr(cfg, "per_rank", None)
+        if per_rank is None:
+            per_rank = os.environ.get(PER_RANK_ENV, "0").strip().lower() in ("1", "true", "yes")
+        self.per_rank = bool(per_rank)
         self.exports = rank == 0 or self.per_rank  # settled in start(), once the process group exists
         self.port: Optional[int] = None  # the port actually served, once started
         self.registry = CollectorRegistry(auto_describe=False)
@@ -387,7 +393,8 @@ class Metrics:
         if self._flops_per_sample is not None:
             shared["unclip_flops_per_sample"] = self._flops_per_sample
         mine = self._derive({**local, **shared})
-        job = self._derive({**job_values, **shared}) if job_values is not None else None
+        # only rank 0 speaks for the job: another rank's copy would be a duplicate series
+        job = self._derive({**job_values, **shared}) if job_values is not None and self.rank == 0 else None
         with self._lock:
             self._publish(str(self.rank), mine, skips, steps_in_window)
             if job is not None:
