@@ -20,8 +20,9 @@ from typing import Any, Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from models.layers import FullPrecisionBuffers
 from models.config import (
     NonNegativeFloat,
     PositiveFloat,
@@ -80,8 +81,12 @@ def _extract(buffer: Tensor, t: Tensor, like: Tensor) -> Tensor:
     return out.to(device=like.device, dtype=dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-class GaussianDiffusion(nn.Module):
-    """The diffusion process shared by every stage; holds only schedule buffers (no weights)."""
+class GaussianDiffusion(FullPrecisionBuffers):
+    """The diffusion process shared by every stage; holds only schedule buffers (no weights).
+
+    The buffers stay float32 when the owning model is cast to bf16/fp16 for mixed precision:
+    in bf16, `sqrt_recipm1_alphas_cumprod` would keep ~3 significant digits.
+    """
 
     def __init__(
         self,

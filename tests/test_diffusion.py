@@ -256,3 +256,9 @@ def test_config_validates_sample_steps():
         DiffusionConfig(timesteps=10, sample_steps=20)
     d = GaussianDiffusion.from_config(DiffusionConfig(timesteps=10, sample_steps=5, objective="v"))
     assert d.objective == "v" and d.timesteps == 10
+
+
+def test_schedule_buffers_survive_a_bf16_cast():
+    d = GaussianDiffusion(1000).to(torch.bfloat16)
+    assert d.sqrt_recipm1_alphas_cumprod.dtype == torch.float32
+    torch.testing.assert_close(d.alphas_cumprod, GaussianDiffusion(1000).alphas_cumprod)
