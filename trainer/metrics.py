@@ -1,22 +1,14 @@
 """Metrics of every job: a Prometheus exporter, `RUN_DIR/metrics.jsonl` and a console line.
 
-Who serves what. Every rank computes its own values. At a logging step `Metrics.log_step`
-does ONE small all-reduce (a float64 vector of ~30 numbers) so that global rank 0 also
-knows the job's values; those are exported with `rank="all"` beside rank 0's own
-`rank="0"` series. Rank 0 serves on `cfg.port`; with `per_rank` every other rank serves its
-own series on `cfg.port + local_rank` as well (one port per local rank on each node). With
-`cfg.pushgateway` the same series are pushed instead (from a background thread, so a slow
-gateway never stalls a step), once more at `close()`.
-
-What "all" means per metric: extensive quantities are summed over ranks (samples, samples/s,
-FLOP/s, memory bytes, skipped samples), intensive ones averaged (loss, step time, data
-wait), and job-wide decisions taken from rank 0 (step, learning rate, grad norm — already
-global after the gradient all-reduce — skipped steps, checkpoints).
-
-Counters carry absolute values from the trainer (samples seen by the run, not by this
-process), so they match metrics.jsonl and checkpoints; a resumed run therefore looks like
-a counter reset to Prometheus. Dashboards plot the `unclip_samples_per_second` gauge, which
-is computed here from the step times and is unaffected by resets.
+Every rank computes its own values; at a logging step ONE small all-reduce (a float64 vector
+of ~30 numbers) tells global rank 0 the job's values, exported as `rank="all"` beside its own
+`rank="0"`: extensive quantities summed (samples, samples/s, FLOP/s, memory, skipped
+samples), intensive ones averaged (loss, step time, data wait), job-wide decisions as rank 0
+sees them (step, lr, grad norm, skipped steps, checkpoints). Rank 0 serves on `cfg.port`;
+per-rank exporters serve on port + local rank; `cfg.pushgateway` pushes instead, off the step
+path. Counters carry the run's absolute totals (as in metrics.jsonl and checkpoints), so a
+resume looks like a counter reset: dashboards read the samples/s gauge, not rate().
+Serving, labels and the metric table: configs/monitoring/README.md.
 """
 
 from __future__ import annotations
@@ -73,9 +65,7 @@ SPECS: dict[str, MetricSpec] = {
     "unclip_grad_norm": _g("Global gradient norm before clipping at the logging step."),
     "unclip_steps_total": MetricSpec("counter", "Optimizer steps done by the run."),
     "unclip_samples_total": MetricSpec("counter", "Training samples consumed by the run (rank all: sum)."),
-    "unclip_step_time_seconds": MetricSpec(
-        "histogram", "Wall seconds per optimizer step, data wait included (logging-window means, one count per step)."
-    ),
+    "unclip_step_time_seconds": MetricSpec("histogram", "Wall seconds per optimizer step, data wait included (window means, one count per step)."),
     "unclip_data_wait_seconds": _g("Seconds per step spent waiting for the data loader (window mean)."),
     "unclip_data_wait_ratio": _g("Share of the step time spent waiting for data, 0-1."),
     "unclip_samples_per_second": _g("Training samples per second while stepping (rank all: sum)."),
@@ -100,23 +90,11 @@ SPECS: dict[str, MetricSpec] = {
 }
 
 _MEAN_KEYS = ("unclip_loss", "unclip_step_time_seconds", "unclip_data_wait_seconds")
-_SUM_KEYS = (
-    "unclip_samples_total",
-    "unclip_samples_per_second",
-    "unclip_model_flops_per_second",
-    "unclip_peak_flops_per_second",
-    "unclip_memory_used_bytes",
-    "unclip_memory_peak_bytes",
-)
+_FLOPS_KEYS = ("unclip_model_flops_per_second", "unclip_peak_flops_per_second")
+_SUM_KEYS = ("unclip_samples_total", "unclip_samples_per_second", *_FLOPS_KEYS, "unclip_memory_used_bytes", "unclip_memory_peak_bytes")
 
 _GAUGE = MetricSpec("gauge", "Loss component reported by the training stage.")
-_FLOPS_KEYS = ("unclip_model_flops_per_second", "unclip_peak_flops_per_second")
-_CHECKPOINT_KEYS = (
-    "unclip_checkpoints_saved_total",
-    "unclip_checkpoint_save_seconds",
-    "unclip_last_checkpoint_step",
-    "unclip_last_checkpoint_timestamp_seconds",
-)
+_CHECKPOINT_KEYS = ("unclip_checkpoints_saved_total", "unclip_checkpoint_save_seconds", "unclip_last_checkpoint_step", "unclip_last_checkpoint_timestamp_seconds")
 
 
 def exported_names() -> set[str]:
@@ -534,11 +512,7 @@ class NullMetrics:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def log_step(self, step: int, **values: Any) -> None:
+    def _ignore(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def close(self) -> None: ...
-    def count_skipped_step(self, reason: str) -> None: ...
-    def set_skipped_samples(self, counts: Mapping[str, int]) -> None: ...
-    def checkpoint_saved(self, step: int, seconds: float) -> None: ...
-    def precompute_progress(self, samples: int, shards: int) -> None: ...
+    log_step = count_skipped_step = set_skipped_samples = checkpoint_saved = precompute_progress = close = _ignore
