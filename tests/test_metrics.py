@@ -257,3 +257,16 @@ def test_other_ranks_take_part_in_the_reduce_but_do_not_speak_for_the_job(monkey
     m.close()
     assert len(calls) == 1  # the collective happens on every rank
     assert {rank for (_, rank, _) in m._series} == {"1"} and set(m._hists) == {"1"}
+
+
+def test_a_non_finite_loss_is_logged_as_json_null(tmp_path, capsys):
+    m = Metrics("j", "prior", 0, 1, tmp_path, MetricsConfig()).start()
+    _log(m, 1, 8, loss=float("nan"), grad_norm=float("inf"))
+    _log(m, 2, 16, loss=0.5)
+    m.close()
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    first = json.loads(text.splitlines()[0])
+    assert first["unclip_loss"] is None and first["unclip_grad_norm"] is None
+    assert "loss nan" in capsys.readouterr().out
+    assert (tmp_path / "report.png").is_file()

@@ -483,7 +483,7 @@ class Metrics:
     def _record(self, step: int, values: dict[str, float], skips: list[float]) -> dict[str, Any]:
         """The metrics.jsonl line: the job's values under their Prometheus names."""
         record: dict[str, Any] = {"step": step, "time": round(time.time(), 3), "job": self.job, "stage": self.stage}
-        record.update({k: int(v) if SPECS.get(k, _GAUGE).kind == "counter" else v for k, v in values.items()})
+        record.update({k: _json_number(k, v) for k, v in values.items()})
         with self._lock:
             for name in _CHECKPOINT_KEYS:
                 if (name, AGGREGATE_RANK, "") in self._series:
@@ -496,6 +496,12 @@ class Metrics:
     def _request_push(self) -> None:
         if self._pusher is not None:
             self._pusher.request()
+
+
+def _json_number(name: str, value: float) -> Optional[float]:
+    if not math.isfinite(value):
+        return None  # strict JSON has no NaN: a non-finite loss is logged as null
+    return int(value) if SPECS.get(name, _GAUGE).kind == "counter" else value
 
 
 class NullMetrics:

@@ -19,16 +19,21 @@ MIN_CELL = 128  # px: small images (64px decoder output) are enlarged so caption
 
 
 def console_line(record: Mapping[str, Any]) -> str:
-    """One human line per logging step, from a metrics.jsonl record."""
-    parts = [f"[{record['job']}/{record['stage']}] step {record['step']}", f"loss {record['unclip_loss']:.4g}"]
-    parts.append(f"lr {record['unclip_learning_rate']:.3g}")
+    """One human line per logging step, from a metrics.jsonl record (null prints as nan)."""
+
+    def num(key: str, spec: str, scale: float = 1.0) -> str:
+        value = record.get(key)
+        return "nan" if value is None else format(value * scale, spec)
+
+    parts = [f"[{record['job']}/{record['stage']}] step {record['step']}", f"loss {num('unclip_loss', '.4g')}"]
+    parts.append(f"lr {num('unclip_learning_rate', '.3g')}")
     if "unclip_grad_norm" in record:
-        parts.append(f"gnorm {record['unclip_grad_norm']:.3g}")
-    parts.append(f"{record['unclip_samples_per_second']:.1f} samples/s")
-    parts.append(f"{record['unclip_step_time_seconds'] * 1000:.0f} ms/step (data {record['unclip_data_wait_ratio']:.0%})")
+        parts.append(f"gnorm {num('unclip_grad_norm', '.3g')}")
+    parts.append(f"{num('unclip_samples_per_second', '.1f')} samples/s")
+    parts.append(f"{num('unclip_step_time_seconds', '.0f', 1000)} ms/step (data {num('unclip_data_wait_ratio', '.0%')})")
     if "unclip_mfu_ratio" in record:
-        parts.append(f"MFU {record['unclip_mfu_ratio']:.1%}")
-    parts.append(f"mem {record['unclip_memory_used_bytes'] / 2**30:.2f} GiB")
+        parts.append(f"MFU {num('unclip_mfu_ratio', '.1%')}")
+    parts.append(f"mem {num('unclip_memory_used_bytes', '.2f', 2**-30)} GiB")
     skipped = sum(record.get("unclip_skipped_samples_total", {}).values())
     if skipped:
         parts.append(f"skipped {skipped} samples")
@@ -187,7 +192,7 @@ def plot_curves(records: Sequence[Mapping[str, Any]], path: Path | str, title: s
     panels = [("loss", "unclip_loss"), ("samples/s (job)", "unclip_samples_per_second")]
     for i, (label, key) in enumerate(panels):
         top = 60 + i * 330
-        values = [float(r.get(key, math.nan)) for r in records]
+        values = [math.nan if r.get(key) is None else float(r[key]) for r in records]
         _panel(draw, (90, top, width - 30, top + 260), label, steps, values)
         draw.text(((width - 30 + 90) / 2 - 12, top + 280), "step", fill="black", font=font)
     path = Path(path)
