@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -112,6 +113,27 @@ def published(
         yield path
     finally:
         remove_targets(targets_dir, job)
+
+
+def sbatch_lines(job: str, stage: str, port: int, per_rank: bool = False, python: str = "python") -> list[str]:
+    """Shell lines for an sbatch script, before `srun`: publish every node's targets, remove
+    them when the script exits. Needs $UNCLIP_PROMETHEUS_TARGETS at run time (skipped if unset).
+    """
+    q = shlex.quote
+    flags = " --per-rank" if per_rank else ""
+    write = (
+        f'{python} -m launch.monitoring write --dir "$UNCLIP_PROMETHEUS_TARGETS" --job {q(job)} --stage {q(stage)} '
+        f'--hosts "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd,)" --port {int(port)} '
+        f'--nproc "${{SLURM_NTASKS_PER_NODE:-1}}"{flags}'
+    )
+    remove = f'{python} -m launch.monitoring remove --dir "$UNCLIP_PROMETHEUS_TARGETS" --job {q(job)}'
+    return [
+        "# Prometheus file-based service discovery for this job's metrics ports (configs/monitoring/)",
+        'if [ -n "${UNCLIP_PROMETHEUS_TARGETS:-}" ]; then',
+        f"  {write}",
+        f"  trap {q(remove)} EXIT",
+        "fi",
+    ]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -65,3 +65,25 @@ def test_published_targets_live_as_long_as_the_job(tmp_path, monkeypatch):
     assert not path.exists()
     with published("j", "prior", ["127.0.0.1"], None) as nothing:  # no metrics port: nothing to scrape
         assert nothing is None and not list(tmp_path.iterdir())
+
+
+def test_sbatch_lines_publish_every_node_and_clean_up(tmp_path):
+    from launch.monitoring import sbatch_lines
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # what SLURM answers for a 2-node allocation
+    scontrol.write_text('#!/bin/sh\necho gpu-01\necho gpu-02\n')
+    scontrol.chmod(0o755)
+    import sys
+
+    script = "\n".join(sbatch_lines("dec 64", "decoder", 9400, per_rank=True, python=sys.executable))
+    script += f'\ncp "$UNCLIP_PROMETHEUS_TARGETS"/*.json {tmp_path}/seen.json\n'
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "UNCLIP_PROMETHEUS_TARGETS": str(tmp_path / "t"),
+           "SLURM_JOB_NODELIST": "gpu-[01-02]", "SLURM_NTASKS_PER_NODE": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen[0]["targets"] == ["gpu-01:9400", "gpu-01:9401", "gpu-02:9400", "gpu-02:9401"]
+    assert seen[0]["labels"] == {"job": "dec 64", "stage": "decoder"}
+    assert not list((tmp_path / "t").iterdir())  # removed when the script exited
