@@ -286,6 +286,67 @@ class Decoder(nn.Module):
             )
         return out.clamp(-1, 1)
 
+    @torch.no_grad()
+    def invert(
+        self,
+        images: Tensor,
+        image_embed: Tensor,
+        text_encodings: Optional[Tensor] = None,
+        text_mask: Optional[Tensor] = None,
+        *,
+        guidance_scale: Optional[float] = None,
+        steps: Optional[int] = None,
+    ) -> Tensor:
+        """DDIM inversion (Dhariwal & Nichol 2021, appendix F; unCLIP sec. 3): the x_T
+        `[batch, channels, image_size, image_size]` from which DDIM with eta 0 over the same
+        `steps` (and guidance) decodes approximately `images` (in [-1, 1], at image_size).
+        Runs the deterministic DDIM update backwards, from t = 0 up to t = T - 1, with each
+        step's prediction made at the level it starts from."""
+        _check_images(images, self.cfg.channels, self.cfg.image_size, "Decoder.invert: images")
+        opts = _sample_kwargs(self.cfg.diffusion, steps, None, None, guidance_scale)
+        cond = {"image_embed": image_embed}
+        if text_encodings is not None:
+            cond.update(text_encodings=text_encodings, text_mask=text_mask)
+        with _eval_mode(self):
+            return ddim_invert(
+                self.diffusion,
+                self,
+                images,
+                cond=cond,
+                steps=opts["steps"],
+                guidance_scale=opts["guidance_scale"],
+                clip_x0=opts["clip_x0"],
+                dynamic_threshold_percentile=opts["dynamic_threshold_percentile"],
+            )
+
+
+def ddim_invert(
+    diffusion: GaussianDiffusion,
+    model_fn,
+    x_start: Tensor,
+    *,
+    cond: Optional[dict] = None,
+    steps: int = 64,
+    guidance_scale: float = 1.0,
+    clip_x0: str = "none",
+    dynamic_threshold_percentile: float = 0.995,
+) -> Tensor:
+    """Run deterministic DDIM backwards, from `x_start` (level "-1", clean) up to t = T - 1,
+    over the same respaced timesteps `diffusion.sample(steps=steps)` uses. Each step predicts
+    at the level it starts from (the first at t = 0), so the map is the exact inverse of the
+    DDIM update whenever the prediction varies slowly between adjacent levels."""
+    levels = sorted(diffusion.respaced_timesteps(steps))
+    x = x_start.float()
+    for i, level in enumerate(levels):
+        at = levels[i - 1] if i > 0 else 0
+        t = torch.full((x.shape[0],), at, device=x.device, dtype=torch.long)
+        out = diffusion.guided_prediction(model_fn, x, t, cond, guidance_scale)
+        x0 = diffusion.clip_start(diffusion.predict_start(x, t, out.float()), clip_x0, dynamic_threshold_percentile)
+        eps = diffusion.predict_noise_from_start(x, t, x0)
+        a_next = diffusion.alphas_cumprod[level].to(x.device)
+        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+    return x
+
 
 class Upsampler(nn.Module):
     """Low-res image `[batch, channels, lowres_size, lowres_size]` -> `[batch, channels,

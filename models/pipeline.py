@@ -3,10 +3,12 @@
     caption --CLIP text--> text embedding --prior--> image embedding --decoder--> 64px
             --upsampler 1--> 256px --upsampler 2--> 1024px
 
-Applications: text-to-image; variations of an image (decode its CLIP image embedding with
-fresh noise); interpolations between two images (slerp between their image embeddings, the
-same decoder noise for every frame); text diffs (move an image's embedding towards the
-normalised difference of two captions' text embeddings, by slerp).
+Applications: text-to-image; variations of an image (decode its CLIP image embedding from
+its DDIM-inverted latent with DDIM eta > 0, or from fresh noise); interpolations between two
+images (slerp between their image embeddings, the same random decoder noise for every frame,
+as in the paper's Figure 4); text diffs (move an image's embedding towards the normalised
+difference of two captions' text embeddings, by slerp, decoding from the image's inverted
+latent).
 
 Every application takes a `seed`: all noise comes from one `torch.Generator` on the models'
 device seeded with it, and each stage's starting noise x_T is drawn explicitly, so the same
@@ -197,13 +199,53 @@ class UnCLIPPipeline:
         )
 
     @torch.no_grad()
-    def variations(self, images: Tensor, *, n: int = 4, seed: int = 0, **decode_kwargs: Any) -> Tensor:
+    def invert(
+        self,
+        images: Tensor,
+        image_embed: Optional[Tensor] = None,
+        *,
+        decoder_guidance: Optional[float] = None,
+        steps: Optional[int] = None,
+    ) -> Tensor:
+        """The decoder's DDIM latent x_T `[B, C, s, s]` of `images` `[B, 3, H, W]` (resized to
+        the decoder's size s), conditioned on their CLIP embeddings (unCLIP sec. 3: with the
+        image embedding it forms the "bipartite latent" that DDIM eta 0 decodes back to the image)."""
+        if images.ndim == 3:
+            images = images[None]
+        images = images.to(self.device, torch.float32)
+        image_embed = self.encode_image(images) if image_embed is None else image_embed.to(self.device)
+        size = self.decoder.cfg.image_size
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        return self.decoder.invert(images.clamp(-1, 1), image_embed, guidance_scale=decoder_guidance, steps=steps)
+
+    @torch.no_grad()
+    def variations(
+        self,
+        images: Tensor,
+        *,
+        n: int = 4,
+        seed: int = 0,
+        invert: bool = True,
+        eta: Optional[float] = None,
+        **decode_kwargs: Any,
+    ) -> Tensor:
         """`n` variations of each image: `[B * n, 3, S, S]`, image-major (rows `i*n .. i*n+n-1`
-        vary image `i`), each decoded from the image's CLIP embedding with its own noise."""
+        vary image `i`), decoded from the image's CLIP embedding. `invert` (the paper's way,
+        sec. 3.1): start from the image's DDIM-inverted x_T and sample with DDIM eta > 0
+        (default 1; eta 0 would reconstruct the image); otherwise each variation starts from
+        its own random x_T."""
         if n < 1:
             raise ValueError(f"variations: n must be >= 1, got {n}")
-        image_embed = self.encode_image(images).repeat_interleave(n, dim=0)
-        return self.decode(image_embed, generator=self.generator(seed), **decode_kwargs)
+        generator = self.generator(seed)
+        image_embed = self.encode_image(images)
+        if invert:
+            x_t = self.invert(
+                images, image_embed, decoder_guidance=decode_kwargs.get("decoder_guidance"), steps=decode_kwargs.get("steps")
+            )
+            decode_kwargs.update(decoder_noise=x_t.repeat_interleave(n, dim=0), sampler="ddim")
+            eta = 1.0 if eta is None else eta
+        return self.decode(image_embed.repeat_interleave(n, dim=0), generator=generator, eta=eta, **decode_kwargs)
 
     @torch.no_grad()
     def interpolate(
@@ -229,16 +271,26 @@ class UnCLIPPipeline:
         amounts: Sequence[float] = (0.0, 0.25, 0.5),
         *,
         seed: int = 0,
+        invert: bool = True,
         **decode_kwargs: Any,
     ) -> Tensor:
         """Edit `image` (`[3, H, W]` or `[1, 3, H, W]`) towards `to_text` and away from
         `from_text`: `z = slerp(z_image, normalize(z_to - z_from), amount)` for each amount,
-        decoded from the same noise. Returns `[len(amounts), 3, S, S]` (paper: amounts in
-        [0.25, 0.5])."""
-        image_embed = self.encode_image(_batch_of_one(image))[0]
+        all decoded from one x_T. Returns `[len(amounts), 3, S, S]` (paper: amounts up to
+        0.25..0.5). `invert` (the paper's way, sec. 3.3): x_T is the image's DDIM inversion and
+        decoding uses DDIM eta 0, so amount 0 reconstructs the image; otherwise x_T is random."""
+        image = _batch_of_one(image)
+        image_embed = self.encode_image(image)
         text_embed, _, _ = self.encode_text([from_text, to_text])
         diff = F.normalize(text_embed[1] - text_embed[0], dim=-1)
-        embeds = slerp(image_embed, diff, torch.as_tensor(list(amounts), dtype=torch.float32))
+        embeds = slerp(image_embed[0], diff, torch.as_tensor(list(amounts), dtype=torch.float32))
+        if invert:
+            x_t = self.invert(
+                image, image_embed, decoder_guidance=decode_kwargs.get("decoder_guidance"), steps=decode_kwargs.get("steps")
+            )
+            decode_kwargs.setdefault("sampler", "ddim")
+            decode_kwargs.setdefault("eta", 0.0)
+            decode_kwargs["decoder_noise"] = x_t.expand(len(embeds), -1, -1, -1)
         return self.decode(embeds, generator=self.generator(seed), share_noise=True, **decode_kwargs)
 
 

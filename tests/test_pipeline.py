@@ -153,10 +153,14 @@ def test_decoder_only_baseline_and_decoder_alone():
 def test_variations_differ_per_variation(pipe, small):
     images = _images(2, seed=0)
     assert _in_range(pipe.variations(images, n=2, seed=0), 4, 32)
-    out = small.variations(images, n=3, seed=0)
-    assert _in_range(out, 6, 8)
-    assert not torch.equal(out[0], out[1]) and not torch.equal(out[3], out[4])
-    assert torch.equal(out, small.variations(images, n=3, seed=0))
+    for invert in (True, False):
+        out = small.variations(images, n=3, seed=0, invert=invert)
+        assert _in_range(out, 6, 8)
+        assert not torch.equal(out[0], out[1]) and not torch.equal(out[3], out[4])
+        assert torch.equal(out, small.variations(images, n=3, seed=0, invert=invert))
+    # from the inverted latent with eta 0, DDIM is deterministic: every "variation" is the same
+    same = small.variations(images, n=2, seed=0, eta=0.0)
+    torch.testing.assert_close(same[0], same[1], atol=1e-5, rtol=1e-5)
 
 
 def test_interpolation_shares_noise_across_frames(pipe, small):
@@ -179,8 +183,14 @@ def test_text_diff_amounts(pipe, small):
     out = small.text_diff(image, *texts, [0.0, 0.25, 0.5], seed=0)
     assert _in_range(out, 3, 8)
     assert not torch.allclose(out[0], out[2])
-    # amount 0 is the image's own embedding, decoded with the same noise as interpolation frame 0
-    torch.testing.assert_close(out[0], small.interpolate(image, _images(1, seed=5), 2, seed=0)[0], atol=1e-5, rtol=1e-5)
+    # amount 0 is the image's own embedding from the image's inverted latent: the edit text is irrelevant
+    other = small.text_diff(image, "a dog", "a red bus", [0.0], seed=1)
+    torch.testing.assert_close(other[0], out[0], atol=1e-3, rtol=1e-3)  # batch 1 vs 3: float rounding
+    # without inversion, amount 0 is decoded from the same random noise as interpolation frame 0
+    random_start = small.text_diff(image, *texts, [0.0, 0.5], seed=0, invert=False)
+    torch.testing.assert_close(
+        random_start[0], small.interpolate(image, _images(1, seed=5), 2, seed=0)[0], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_stages_must_chain():
