@@ -64,6 +64,7 @@ def test_single_rank_serves_and_writes_jsonl(tmp_path, capsys):
     port = _free_port()
     cfg = MetricsConfig(port=port, peak_flops=1e9)
     m = Metrics("demo-dec", "decoder", 0, 1, tmp_path, cfg).start()
+    m._started_at -= 10 * 0.1  # as if the first 10 steps of 0.1 s ran since start()
     try:
         assert m.port == port
         _log(m, 10, 80, components={"mse": 0.4, "vb": 0.1}, flops_per_sample=2e6)
@@ -270,3 +271,12 @@ def test_a_non_finite_loss_is_logged_as_json_null(tmp_path, capsys):
     assert first["unclip_loss"] is None and first["unclip_grad_norm"] is None
     assert "loss nan" in capsys.readouterr().out
     assert (tmp_path / "report.png").is_file()
+
+
+def test_a_resumed_run_counts_only_its_own_steps_in_the_histogram():
+    m = Metrics("j", "prior", 0, 1, None, MetricsConfig(), console=False).start()
+    m._started_at -= 2.0  # resumed at step 1000, then 20 steps of 0.1 s before the first log
+    record = _log(m, 1020, 8160, step_time_s=0.1)
+    assert m._hists["0"].counts == [0, 0, 0, 20] + [0] * (len(M.STEP_TIME_BUCKETS) - 3)
+    assert record["unclip_samples_per_second"] == pytest.approx(8 / 0.1)  # 8 samples per step
+    assert record["unclip_steps_total"] == 1020 and record["unclip_samples_total"] == 8160

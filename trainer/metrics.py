@@ -344,10 +344,8 @@ class Metrics:
             self._flops_per_sample = float(flops_per_sample)
         if self._flops_per_sample is not None and self._peak is None:
             self._peak = measure_peak_flops()
-        steps_in_window = max(1, step - self._prev[0]) if self._prev else max(1, step)
-        samples_in_window = samples_total - self._prev[1] if self._prev else samples_total
-        self._prev = (step, samples_total)
-        rate = samples_in_window / (steps_in_window * step_time_s) if step_time_s > 0 else 0.0
+        steps_in_window, per_step = self._window(step, samples_total, step_time_s)
+        rate = per_step / step_time_s if step_time_s > 0 else 0.0
         used, peak_mem = memory_bytes()
         flops = self._flops_per_sample * rate if self._flops_per_sample is not None else 0.0
         comps = {component_name(k): float(v) for k, v in sorted(components.items())[:MAX_COMPONENTS]}
@@ -457,6 +455,19 @@ class Metrics:
         values = vector.tolist()
         job = {k: v / self.world_size if k in mean_keys else v for k, v in zip(keys, values)}
         return job, values[len(keys) :]
+
+    def _window(self, step: int, samples_total: int, step_time_s: float) -> tuple[int, float]:
+        """(steps this process did since the last logging step, samples per step in them)."""
+        previous, self._prev = self._prev, (step, samples_total)
+        if previous is not None:
+            steps = max(1, step - previous[0])
+            return steps, (samples_total - previous[1]) / steps
+        # first logging step: a resumed run's totals include steps of earlier processes;
+        # count only the steps that fit in the time since start(), so the step-time
+        # histogram counts this process's steps (a fresh run: exactly `step`)
+        elapsed = time.time() - self._started_at
+        steps = max(1, min(step, round(elapsed / step_time_s))) if step_time_s > 0 else max(1, step)
+        return steps, samples_total / max(1, step)
 
     def _derive(self, values: dict[str, float]) -> dict[str, float]:
         """Add the ratios; drop FLOP figures until FLOPs per sample are known."""
