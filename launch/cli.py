@@ -19,6 +19,8 @@ EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 # resolved lazily so `unclip --help` does not import torch.
 HANDLERS: dict[str, str] = {
     "shards": "launch.shards_cmd:main",
+    "train": "launch.train_cmd:main",
+    "export": "launch.export_cmd:main",
     "report": "launch.report_cmd:main",
 }
 

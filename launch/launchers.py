@@ -1,0 +1,151 @@
+"""How a job's ranks start: local processes, torchrun, the DeepSpeed launcher (hostfile).
+
+`run_local` is what `unclip train --nproc N` and the tests use: N worker processes with
+torchrun's environment variables, a free port on 127.0.0.1, and one supervisor that forwards
+SIGTERM/SIGINT to every rank, and when one rank fails stops the others and names it. The
+torchrun and hostfile forms only build command lines; `unclip launch` runs or prints them.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+WORKER = ["-m", "launch.worker"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_args(config: Path, run_dir: Path, *, resume: bool = True) -> list[str]:
+    args = ["--config", str(config), "--run-dir", str(run_dir)]
+    return args if resume else [*args, "--no-resume"]
+
+
+def rank_env(base: dict[str, str], *, rank: int, world_size: int, port: int, addr: str = "127.0.0.1") -> dict[str, str]:
+    env = dict(base)
+    env.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR=addr, MASTER_PORT=str(port),
+    )
+    env.setdefault("OMP_NUM_THREADS", "1")  # N ranks on one machine: no thread oversubscription
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def run_local(worker: Sequence[str], nproc: int, *, grace_s: float = 30.0, env: Optional[dict[str, str]] = None) -> int:
+    """Run `nproc` ranks of `python -m launch.worker <worker>` here; their combined exit code.
+
+    The first rank to fail decides the result: the others get SIGTERM (they save nothing, since
+    a peer is gone, and fail their next collective) and SIGKILL after `grace_s` seconds.
+    """
+    base = dict(os.environ if env is None else env)
+    port = free_port()
+    procs = [
+        subprocess.Popen([sys.executable, *WORKER, *worker], env=rank_env(base, rank=r, world_size=nproc, port=port))
+        for r in range(nproc)
+    ]
+    forwarded: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        forwarded.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _supervise(procs, grace_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _stop(procs, grace_s=0)
+
+
+def _supervise(procs: list[subprocess.Popen], grace_s: float) -> int:
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            rank, code = failed[0]
+            print(f"[unclip launch] rank {rank} failed ({_describe(code)}); stopping the other ranks", file=sys.stderr, flush=True)
+            _stop(procs, grace_s)
+            return 1
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.1)
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def torchrun_command(
+    worker: Sequence[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
+    master_addr: str = "127.0.0.1", master_port: int = 29500, rdzv: bool = False, python: str = sys.executable,
+) -> list[str]:
+    """A torchrun command line for one node of the job."""
+    cmd = [python, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}"]
+    if rdzv:  # elastic rendezvous: no fixed node ranks (SLURM, requeue-friendly)
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={master_addr}:{master_port}", "--rdzv-id=$SLURM_JOB_ID"]
+    else:
+        cmd += [f"--node-rank={node_rank}", f"--master-addr={master_addr}", f"--master-port={master_port}"]
+    return [*cmd, *WORKER, *worker]
+
+
+def hostfile_command(worker: Sequence[str], hostfile: Path, *, master_port: int = 29500) -> list[str]:
+    """The DeepSpeed launcher over the nodes of a hostfile (`host slots=N` per line)."""
+    return [
+        "deepspeed", f"--hostfile={hostfile}", f"--master_port={master_port}", "--no_local_rank",
+        "--module", "launch.worker", *worker,
+    ]
+
+
+def read_hostfile(path: Path) -> list[tuple[str, int]]:
+    """[(host, slots)] from a DeepSpeed hostfile; a clear error on a malformed line."""
+    hosts = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        slots = [p for p in parts[1:] if p.startswith("slots=")]
+        if len(parts) != 2 or not slots or not slots[0][6:].isdigit():
+            raise ValueError(f"{path}:{number}: expected 'HOST slots=N', got {line!r}")
+        hosts.append((parts[0], int(slots[0][6:])))
+    if not hosts:
+        raise ValueError(f"{path}: no hosts")
+    return hosts
+
+
+def shell_join(cmd: Sequence[str]) -> str:
+    # keep $VARS unquoted so a generated script expands them on the node
+    return " ".join(c if c.startswith("--rdzv-id=$") else shlex.quote(c) for c in cmd)

@@ -1,0 +1,75 @@
+"""`unclip train --config FILE [--run-dir DIR] [--nproc N] [--no-resume]`.
+
+Validates the job (exit 2 on a bad config before any work), prepares the run directory
+(`config.yaml` = the resolved job), refuses to resume an incompatible run, then starts N
+local ranks of `launch.worker`. For several nodes use `unclip launch`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from launch.config_files import dump_config, load_config
+from models.config import ConfigError, config_to_dict
+from trainer.config import TRAIN_JOBS
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+def metrics_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    if getattr(args, "metrics_port", None) is not None:
+        out.append(f"metrics.port={args.metrics_port}")
+    if getattr(args, "metrics_host", None):
+        out.append(f"metrics.host={args.metrics_host}")
+    if getattr(args, "pushgateway", None):
+        out.append(f"metrics.pushgateway={args.pushgateway}")
+    return out
+
+
+def load_train_job(config: str, overrides: list[str]) -> Any:
+    job = load_config(config, overrides)
+    if getattr(job, "stage", None) not in TRAIN_JOBS:
+        raise ConfigError(f"{config}: stage {job.stage!r} is not a training stage ({', '.join(TRAIN_JOBS)})")
+    return job
+
+
+def prepare_run_dir(job: Any, run_dir: Path, *, resume: bool) -> Path:
+    """Write RUN_DIR/config.yaml; check a resumed run is compatible (ConfigError if not)."""
+    from trainer.checkpoint import Checkpoints, config_differences, read_meta
+
+    checkpoints = run_dir / "checkpoints"
+    if resume:
+        latest = Checkpoints(checkpoints, 0, 1, job.checkpoint.keep_last).find_latest()
+        if latest is not None:
+            diffs = config_differences(read_meta(latest)["config"], config_to_dict(job))
+            if diffs:
+                raise ConfigError(
+                    f"{run_dir} holds checkpoints of an incompatible job; differing fields:\n  " + "\n  ".join(diffs)
+                    + "\n(use another --run-dir, or --no-resume to start over)"
+                )
+    elif checkpoints.exists():
+        aside = run_dir / f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        checkpoints.rename(aside)
+        print(f"[unclip train] --no-resume: previous checkpoints moved to {aside}")
+    for sub in ("checkpoints", "logs", "samples"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    path.write_text(dump_config(job))
+    return path
+
+
+def main(args: argparse.Namespace) -> int:
+    from launch.launchers import run_local, worker_args
+
+    job = load_train_job(args.config, [*args.overrides, *metrics_overrides(args)])
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1 (got {args.nproc})")
+    run_dir = Path(args.run_dir or Path("runs") / job.name)
+    config = prepare_run_dir(job, run_dir, resume=not args.no_resume)
+    print(f"[unclip train] {job.stage} job {job.name!r}: {args.nproc} rank(s), run directory {run_dir}", flush=True)
+    code = run_local(worker_args(config, run_dir), args.nproc)
+    return EXIT_OK if code == 0 else EXIT_RUNTIME

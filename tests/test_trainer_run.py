@@ -1,0 +1,197 @@
+"""`unclip train` end to end: 2 CPU ranks of real DeepSpeed (gloo), ZeRO-2/3, exact resume
+after kill -9, resume at another world size, SIGTERM, non-finite steps, export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer_helpers import (
+    TINY_DECODER, TINY_PRIOR, env_for_tests, explain, latest_step, losses, mean_loss, merged, train, unclip, write_job,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def fp32_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """The trained (not EMA) fp32 weights of a checkpoint, consolidated by DeepSpeed's tool."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=f"step_{step:07d}")
+
+
+def ema_shards(run_dir: Path, step: int, world: int) -> list[dict[str, torch.Tensor]]:
+    d = run_dir / "checkpoints" / f"step_{step:07d}"
+    return [load_file(d / f"rank_{r:05d}.safetensors") for r in range(world)]
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def prior_run(tmp_path_factory):
+    """The reference: tiny prior, 2 ranks, ZeRO-2, 40 steps, a checkpoint every 10 steps."""
+    root = tmp_path_factory.mktemp("prior")
+    config = write_job(root / "prior.yaml", TINY_PRIOR)
+    run_dir = root / "run"
+    done = train(config, run_dir)
+    assert done.returncode == 0, explain(done)
+    return config, run_dir
+
+
+def test_prior_zero2_trains_and_checkpoints(prior_run):
+    config, run_dir = prior_run
+    loss = losses(run_dir)
+    assert sorted(loss) == list(range(1, 41))
+    assert mean_loss(loss, range(33, 41)) < mean_loss(loss, range(1, 5)) - 0.05, loss
+    ckpts = run_dir / "checkpoints"
+    assert latest_step(run_dir) == 40
+    assert sorted(p.name for p in ckpts.glob("step_*")) == [f"step_{s:07d}" for s in (10, 20, 30, 40)]
+    meta = json.loads((ckpts / "step_0000040" / "meta.json").read_text())
+    assert meta["complete"] and meta["world_size"] == 2 and meta["zero_stage"] == 2
+    assert meta["step"] == 40 and meta["samples_seen"] == 40 * 32 * 2
+    assert meta["config"]["model"]["dim"] == 32
+    # each rank's own files are checksummed; DeepSpeed's shards are size-checked
+    assert "sha256" in meta["files"]["rank_00001.json"] and meta["files"]["zero_pp_rank_1_mp_rank_00_optim_states.pt"]["size"] > 0
+    # the two ranks drew different data (their loader states differ) from the same seed
+    states = [json.loads((ckpts / "step_0000040" / f"rank_{r:05d}.json").read_text()) for r in (0, 1)]
+    assert states[0]["loader"]["rank"] == 0 and states[1]["loader"]["rank"] == 1
+
+
+def test_kill_minus_9_then_resume_is_bit_identical(prior_run, tmp_path):
+    config, reference = prior_run
+    run_dir = tmp_path / "run"
+    # rank 1 SIGKILLs itself after step 25: the last checkpoint is step 20, steps 21-25 are lost
+    crashed = train(config, run_dir, env={"UNCLIP_FAULT_KILL": "1@25"})
+    assert crashed.returncode == 1, explain(crashed)
+    assert "rank 1 failed (killed by SIGKILL)" in crashed.stderr
+    assert latest_step(run_dir) == 20
+    resumed = train(config, run_dir)
+    assert resumed.returncode == 0, explain(resumed)
+    assert "resumed from" in resumed.stdout and "step 20" in resumed.stdout
+    assert_same(fp32_weights(run_dir, 40), fp32_weights(reference, 40))
+    for mine, theirs in zip(ema_shards(run_dir, 40, 2), ema_shards(reference, 40, 2)):
+        assert_same(mine, theirs)  # EMA, RNG states and the stage's generator alike
+    assert losses(run_dir)[40] == losses(reference)[40]
+
+
+def test_resume_at_world_size_1_from_2_rank_checkpoint(prior_run, tmp_path):
+    config, reference = prior_run
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(reference / "checkpoints" / "step_0000020", run_dir / "checkpoints" / "step_0000020")
+    (run_dir / "checkpoints" / "latest").write_text("step_0000020")
+    # same global batch on one rank
+    done = train(config, run_dir, "--set", "train.micro_batch_size=64", "--set", "train.steps=30", nproc=1)
+    assert done.returncode == 0, explain(done)
+    assert "universal checkpoint" in done.stdout
+    meta = json.loads((run_dir / "checkpoints" / "step_0000030" / "meta.json").read_text())
+    assert meta["world_size"] == 1 and meta["step"] == 30
+    loss, ref = losses(run_dir), losses(reference)
+    assert min(loss) == 21  # continued at step 21, did not restart at 1
+    # the loss continues from the trained state (weights and Adam moments) instead of starting over
+    assert mean_loss(loss, range(21, 26)) < mean_loss(ref, range(1, 6)) - 0.05, (loss, ref)
+    # the EMA was re-cut from 2 shards into 1 whole tensor per parameter
+    (shard,) = ema_shards(run_dir, 30, 1)
+    assert shard["ema/model.to_out.weight"].numel() == 16 * 32
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_decoder_trains_under_zero(zero_stage, tmp_path):
+    job = merged(TINY_DECODER, deepspeed={"zero_stage": zero_stage, "timeout_s": 60}, train={"steps": 12, "micro_batch_size": 4, "log_every": 1, "seed": 0}, checkpoint={"every_steps": 6, "keep_last": 1})
+    config = write_job(tmp_path / "decoder.yaml", job)
+    done = train(config, tmp_path / "run")
+    assert done.returncode == 0, explain(done)
+    loss = losses(tmp_path / "run")
+    assert sum(loss[s] for s in (10, 11, 12)) < sum(loss[s] for s in (1, 2, 3)), loss
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")] == ["step_0000012"]  # keep_last=1
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_0000012" / "meta.json").read_text())
+    assert meta["zero_stage"] == zero_stage
+
+
+def test_prior_zero3_trains(tmp_path):
+    job = merged(TINY_PRIOR, deepspeed={"zero_stage": 3, "timeout_s": 60}, checkpoint={"every_steps": 40})
+    config = write_job(tmp_path / "prior.yaml", job)
+    done = train(config, tmp_path / "run")
+    assert done.returncode == 0, explain(done)
+    loss = losses(tmp_path / "run")
+    assert mean_loss(loss, range(33, 41)) < mean_loss(loss, range(1, 5)) - 0.05, loss
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_job(prior_run, tmp_path):
+    config, reference = prior_run
+    run_dir = tmp_path / "run"
+    job = merged(TINY_PRIOR, train={**TINY_PRIOR["train"], "steps": 8, "max_consecutive_nonfinite": 2}, checkpoint={"every_steps": 2, "keep_last": 10})
+    config = write_job(tmp_path / "prior.yaml", job)
+    # step 3 is NaN once (skipped, counted), then steps 5 and 6 in a row: the job stops
+    done = train(config, run_dir, env={"UNCLIP_FAULT_NAN_STEPS": "2,4,5"})
+    assert done.returncode == 1, explain(done)
+    assert "2 consecutive steps had a non-finite loss" in done.stderr
+    assert "non-finite loss or gradient; step skipped" in done.stdout
+    assert latest_step(run_dir) == 6
+    meta = json.loads((run_dir / "checkpoints" / "step_0000006" / "meta.json").read_text())
+    assert meta["nonfinite_steps"] == 3
+    # skipped steps change no weights: the saved state is the last good one (after step 4)
+    assert_same(fp32_weights(run_dir, 6), fp32_weights(run_dir, 4))
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_0(tmp_path):
+    job = merged(TINY_PRIOR, train={**TINY_PRIOR["train"], "steps": 100000, "log_every": 5}, checkpoint={"every_steps": 100000})
+    config = write_job(tmp_path / "prior.yaml", job)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launch", "train", "--config", str(config), "--run-dir", str(run_dir), "--nproc", "2"]
+    proc = subprocess.Popen(cmd, env=env_for_tests(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "metrics.jsonl").is_file() or len(losses(run_dir)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, (out, err)
+    step = latest_step(run_dir)
+    assert 10 <= step < 100000
+    assert "stop requested" in out
+    assert json.loads((run_dir / "checkpoints" / f"step_{step:07d}" / "meta.json").read_text())["complete"]
+
+
+def test_export_loads_without_deepspeed(prior_run, tmp_path):
+    config, run_dir = prior_run
+    out = tmp_path / "prior.safetensors"
+    done = unclip("export", str(run_dir), "--out", str(out))
+    assert done.returncode == 0, explain(done)
+    # a fresh interpreter that never imports DeepSpeed rebuilds the model from the file alone
+    code = (
+        "import sys, torch\n"
+        "from trainer.export import load_exported\n"
+        f"model, job = load_exported({str(out)!r})\n"
+        "assert 'deepspeed' not in sys.modules, 'export loading imported deepspeed'\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "e = torch.nn.functional.normalize(torch.randn(2, 16, generator=g), dim=-1)\n"
+        "enc, mask = torch.randn(2, 4, 8, generator=g), torch.ones(2, 4, dtype=torch.bool)\n"
+        "print(type(model).__name__, job.stage, float(model.loss(e, e, enc, mask, generator=g)))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_for_tests())
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("DiffusionPrior prior")
+    # the file holds the EMA merged from both ranks' shards
+    weights = load_file(out)
+    shards = ema_shards(run_dir, 40, 2)
+    name = "to_out.weight"
+    merged_ema = torch.cat([shards[0][f"ema/model.{name}"], shards[1][f"ema/model.{name}"]])[: weights[name].numel()]
+    assert torch.equal(weights[name].reshape(-1), merged_ema)

@@ -1,0 +1,297 @@
+"""Sharded checkpoints: save, validate, find the latest good one, load, keep the last K.
+
+Layout of `RUN_DIR/checkpoints/`:
+
+    step_0000123/                 one checkpoint
+        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed's (ZeRO-sharded) states
+        rank_00000.safetensors    this rank's EMA shard and torch/generator RNG states
+        rank_00000.json           this rank's Python/NumPy RNG and data-loader state
+        buffers.safetensors       the model's persistent buffers (rank 0)
+        meta.json                 written last: config, step, world size, files + checksums
+    latest                        "step_0000123", replaced atomically after meta.json
+    universal/step_0000123/       DeepSpeed universal form, made when the world size changes
+
+A checkpoint is complete iff its meta.json exists, says so, and every file it lists has the
+recorded size (and, for our own small files, sha256). A crash while saving therefore leaves
+an incomplete directory that is ignored with a warning, and `latest` still names the
+previous, complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from trainer import distributed as dist
+
+log = logging.getLogger("unclip.checkpoint")
+
+FORMAT = 1
+LATEST = "latest"
+META = "meta.json"
+_STEP_DIR = re.compile(r"^step_(\d{7,})$")
+_HASHED = re.compile(r"^(rank_\d+\.(json|safetensors)|buffers\.safetensors)$")
+# Config sections that define the trained weights: resuming with any of them changed would
+# load weights into a different model.
+COMPATIBLE_SECTIONS = ("stage", "model", "clip")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or used; the message says which and why."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def rank_file(rank: int, suffix: str) -> str:
+    return f"rank_{rank:05d}.{suffix}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def validate(step_dir: Path) -> Optional[str]:
+    """None if `step_dir` is a complete checkpoint, else why not."""
+    meta_path = step_dir / META
+    if not meta_path.is_file():
+        return "no meta.json (the save did not finish)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return f"unreadable meta.json ({err})"
+    if not meta.get("complete"):
+        return "meta.json does not mark it complete"
+    for name, info in meta.get("files", {}).items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"missing file {name}"
+        if path.stat().st_size != info["size"]:
+            return f"{name} has {path.stat().st_size} bytes, expected {info['size']}"
+        if "sha256" in info and _sha256(path) != info["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def read_meta(step_dir: Path) -> dict[str, Any]:
+    return json.loads((step_dir / META).read_text())
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], sections=COMPATIBLE_SECTIONS) -> list[str]:
+    """Dotted keys (within `sections`) whose values differ between two config dicts."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, key: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+        elif a != b:
+            out.append(f"{key}: checkpoint {a!r}, config {b!r}")
+
+    for section in sections:
+        walk(saved.get(section), current.get(section), section)
+    return out
+
+
+class Checkpoints:
+    """The checkpoints of one run, as seen by one rank."""
+
+    def __init__(self, root: Path, rank: int, world_size: int, keep_last: int) -> None:
+        self.root = Path(root)
+        self.rank, self.world_size = rank, world_size
+        self.keep_last = keep_last
+
+    # ------------------------------------------------------------------ finding
+    def step_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        dirs = [p for p in self.root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+        return sorted(dirs, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+    def find_latest(self) -> Optional[Path]:
+        """The newest complete checkpoint: `latest` if it is good, else the newest good one."""
+        named = None
+        latest = self.root / LATEST
+        if latest.is_file():
+            named = self.root / latest.read_text().strip()
+            problem = validate(named)
+            if problem is None:
+                return named
+            log.warning("checkpoint %s named by %s is unusable: %s; looking for an older one", named, latest, problem)
+        for step_dir in reversed(self.step_dirs()):
+            if step_dir == named:
+                continue
+            problem = validate(step_dir)
+            if problem is None:
+                return step_dir
+            log.warning("ignoring incomplete checkpoint %s: %s", step_dir, problem)
+        return None
+
+    # ------------------------------------------------------------------ saving
+    def _check_writable(self, step_dir: Path) -> None:
+        """All ranks agree that `step_dir` can be written, or all raise the same clear error."""
+        problem = ""
+        try:
+            step_dir.mkdir(parents=True, exist_ok=True)
+            probe = step_dir / f".probe_{self.rank}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            problem = f"rank {self.rank}: {err.strerror or err} ({step_dir})"
+        problems = [p for p in dist.all_gather_object(problem) if p]
+        if problems:
+            raise CheckpointError("cannot write checkpoint: " + "; ".join(problems) + "; the previous checkpoint is intact")
+
+    def save(
+        self,
+        engine: Any,
+        step: int,
+        *,
+        rank_tensors: dict[str, Tensor],
+        rank_state: dict[str, Any],
+        buffers: dict[str, Tensor],
+        meta: dict[str, Any],
+        on_written: Optional[Callable[[], None]] = None,
+    ) -> Path:
+        """Collective: every rank calls this with its own tensors/state; rank 0 writes meta.json
+        and moves `latest` only after every rank has finished writing."""
+        started = time.perf_counter()
+        step_dir = self.root / step_dir_name(step)
+        if self.rank == 0 and step_dir.exists():  # leftover of a save that crashed
+            shutil.rmtree(step_dir)
+        dist.barrier()
+        self._check_writable(step_dir)
+        engine.save_checkpoint(str(self.root), tag=step_dir.name, save_latest=False)
+        save_file({k: v.contiguous() for k, v in rank_tensors.items()}, step_dir / rank_file(self.rank, "safetensors"))
+        (step_dir / rank_file(self.rank, "json")).write_text(json.dumps(rank_state))
+        if self.rank == 0:
+            save_file({k: v.contiguous().cpu() for k, v in buffers.items()}, step_dir / "buffers.safetensors")
+        _fsync_dir_files(step_dir, self.rank)
+        if on_written is not None:
+            on_written()
+        dist.barrier()  # every rank's files (DeepSpeed's included) are on disk
+        if self.rank == 0:
+            files = {p.name: self._file_record(p) for p in sorted(step_dir.iterdir()) if p.is_file() and p.name != META}
+            meta = {**meta, "format": FORMAT, "complete": True, "files": files, "save_seconds": time.perf_counter() - started}
+            atomic_write_text(step_dir / META, json.dumps(meta, indent=1, sort_keys=True))
+            atomic_write_text(self.root / LATEST, step_dir.name)
+            self.prune()
+        dist.barrier()
+        return step_dir
+
+    @staticmethod
+    def _file_record(path: Path) -> dict[str, Any]:
+        record: dict[str, Any] = {"size": path.stat().st_size}
+        if _HASHED.match(path.name):  # ours are small; DeepSpeed's shards are checked by size
+            record["sha256"] = _sha256(path)
+        return record
+
+    def prune(self) -> None:
+        """Keep the newest `keep_last` complete checkpoints; drop older ones and partial saves
+        (called by rank 0 right after a save, when no other save is in progress)."""
+        dirs = self.step_dirs()
+        complete = [d for d in dirs if validate(d) is None]
+        keep = set(complete[-self.keep_last :])
+        for d in dirs:
+            if d not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+                shutil.rmtree(self.root / "universal" / d.name, ignore_errors=True)
+
+    # ------------------------------------------------------------------ loading
+    def rank_state(self, step_dir: Path, rank: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        plain = json.loads((step_dir / rank_file(rank, "json")).read_text())
+        return plain, load_file(step_dir / rank_file(rank, "safetensors"))
+
+    def load_engine(self, engine: Any, step_dir: Path, *, universal: bool) -> None:
+        root = self.root / "universal" if universal else self.root
+        path, _ = engine.load_checkpoint(
+            str(root), tag=step_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {root / step_dir.name}")
+
+    def ensure_universal(self, step_dir: Path) -> None:
+        """Collective: rank 0 converts `step_dir` to DeepSpeed's universal form (once)."""
+        out = self.root / "universal" / step_dir.name
+        error = ""
+        if self.rank == 0 and not (out / ".complete").is_file():
+            error = convert_to_universal(step_dir, out)
+        error = dist.broadcast_object(error)
+        if error:
+            raise CheckpointError(error)
+
+
+def convert_to_universal(step_dir: Path, out: Path) -> str:
+    """Run DeepSpeed's `ds_to_universal` on `step_dir` into `out`; '' on success, else why not."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(step_dir), "--output_folder", str(out),
+        "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        return f"converting {step_dir} to a universal checkpoint failed:\n{tail}"
+    # ds_to_universal expects to load from the checkpoint's own tag directory
+    for name in os.listdir(step_dir):
+        if name.startswith("mp_rank_") and not (out / name).exists():
+            shutil.copy2(step_dir / name, out / name)
+    (out / ".complete").write_text("ok")
+    return ""
+
+
+def _fsync_dir_files(step_dir: Path, rank: int) -> None:
+    for name in (rank_file(rank, "safetensors"), rank_file(rank, "json")):
+        path = step_dir / name
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def load_tensor_file(path: Path) -> dict[str, Tensor]:
+    return load_file(path)
+
+
+def torch_version_info() -> dict[str, str]:
+    import deepspeed
+
+    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__}

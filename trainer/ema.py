@@ -1,0 +1,99 @@
+"""Exponential moving average of the weights, sharded like ZeRO-3 shards parameters.
+
+Each rank keeps, for every parameter, an fp32 EMA of only its slice of the flattened
+parameter: elements `[rank * p, (rank + 1) * p)` with `p = ceil(numel / world_size)` (zero
+padded), which is exactly the partition ZeRO-3 keeps in `param.ds_tensor`. So the EMA costs
+4 bytes per parameter per job, not per rank, under every ZeRO stage, and a checkpoint's EMA
+shards can be merged into full tensors (export) or re-cut for another world size (resume).
+The EMA weights are what sampling and export use.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+
+def shard_bounds(numel: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of `rank`'s slice of a flattened tensor of `numel` elements (padded)."""
+    size = math.ceil(numel / world_size)
+    return rank * size, (rank + 1) * size
+
+
+def cut_shard(full: Tensor, rank: int, world_size: int) -> Tensor:
+    """`rank`'s zero-padded fp32 slice of `full` (any shape)."""
+    flat = full.detach().reshape(-1).float()
+    start, stop = shard_bounds(flat.numel(), rank, world_size)
+    out = torch.zeros(stop - start, dtype=torch.float32)
+    piece = flat[start:stop]
+    out[: piece.numel()] = piece.cpu()
+    return out
+
+
+def merge_shards(shards: list[Tensor], shape: Iterable[int]) -> Tensor:
+    """Full tensor of `shape` from every rank's slice, in rank order."""
+    shape = tuple(shape)
+    numel = math.prod(shape)
+    return torch.cat([s.reshape(-1) for s in shards])[:numel].reshape(shape).clone()
+
+
+def _local_view(param: nn.Parameter, rank: int, world_size: int) -> Tensor:
+    """This rank's slice of `param`'s current value, as fp32 on CPU."""
+    ds_tensor = getattr(param, "ds_tensor", None)
+    if ds_tensor is not None:  # ZeRO-3: the partition is all this rank holds
+        return ds_tensor.detach().reshape(-1).float().cpu()
+    return cut_shard(param.data, rank, world_size)
+
+
+def full_shape(param: nn.Parameter) -> tuple[int, ...]:
+    return tuple(getattr(param, "ds_shape", None) or param.shape)
+
+
+class ShardedEMA:
+    """`shadow[name]` = this rank's fp32 EMA slice of parameter `name`."""
+
+    def __init__(self, module: nn.Module, decay: float, rank: int, world_size: int) -> None:
+        self.decay = decay
+        self.rank, self.world_size = rank, world_size
+        self.params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+        self.shapes = {name: full_shape(p) for name, p in self.params.items()}
+        self.shadow = {name: _local_view(p, rank, world_size) for name, p in self.params.items()}
+
+    def decay_at(self, step: int) -> float:
+        # Warm up the average so that early, random weights do not dominate it for ~1/(1-decay)
+        # steps; a function of the step only, so a resumed run averages identically.
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = self.decay_at(step)
+        for name, p in self.params.items():
+            self.shadow[name].mul_(d).add_(_local_view(p, self.rank, self.world_size), alpha=1 - d)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(self.shadow)
+
+    def load_own(self, shard: Mapping[str, Tensor]) -> None:
+        """Restore this rank's slices, saved by the same rank at the same world size."""
+        self._check(shard)
+        self.shadow = {name: shard[name].float().clone() for name in self.shadow}
+
+    def load_shards(self, shards_by_rank: list[Mapping[str, Tensor]]) -> None:
+        """Restore from the EMA shards of every rank of a checkpoint at another world size."""
+        self._check(shards_by_rank[0])
+        for name in self.shadow:
+            full = merge_shards([s[name] for s in shards_by_rank], self.shapes[name])
+            self.shadow[name] = cut_shard(full, self.rank, self.world_size)
+
+    def _check(self, shard: Mapping[str, Tensor]) -> None:
+        missing = sorted(set(self.shadow) - set(shard))
+        if missing:
+            raise ValueError(f"checkpoint EMA lacks parameters: {', '.join(missing[:5])}")
+
+
+def merged_state(shards_by_rank: list[Mapping[str, Tensor]], shapes: Mapping[str, Iterable[int]]) -> dict[str, Tensor]:
+    """Consolidated full EMA tensors from every rank's shards."""
+    return {name: merge_shards([s[name] for s in shards_by_rank], shape) for name, shape in shapes.items()}

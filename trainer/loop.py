@@ -1,0 +1,339 @@
+"""The training loop every stage shares, run once per rank.
+
+    set up:  join the process group -> build the stage's model -> DeepSpeed engine -> EMA
+             -> data loader -> resume from the latest complete checkpoint (if any)
+    step:    LR -> grad_accum x (next batch, loss, backward) -> optimizer step (DeepSpeed
+             skips it if a gradient is not finite) -> EMA -> agree across ranks on loss,
+             skips and stop requests -> log -> checkpoint every N steps
+    stop:    at the last step, on SIGTERM/SIGINT (checkpoint, exit 0), or after too many
+             non-finite steps in a row (checkpoint of the last good state, exit 1)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from models.config import config_to_dict
+from trainer import distributed as dist
+from trainer import rng
+from trainer.checkpoint import Checkpoints, CheckpointError, config_differences, read_meta, torch_version_info
+from trainer.ema import ShardedEMA
+from trainer.engine import build_engine, count_parameters, resolve_precision, set_lr, skipped_steps
+from trainer.faults import Faults
+from trainer.lr import lr_at
+from trainer.metrics import Metrics
+from trainer.stages import StageContext, StageModule, get_stage
+from trainer.synthetic import SyntheticLoader, batch_to
+
+log = logging.getLogger("unclip.train")
+
+
+class TrainingAborted(RuntimeError):
+    """The run cannot go on (e.g. only non-finite steps); a checkpoint was written first."""
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT; the loop checks it between steps (all ranks agree on it)."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+
+def open_loader(job: Any, stage: Any, rank: int, world_size: int) -> Any:
+    """The job's data loader for this rank (synthetic data when the job has no `data:`)."""
+    wants = stage.wants(job)
+    if job.data is None:
+        shapes = {k: v for k, v in stage.batch_shapes(job).items() if k in wants}
+        return SyntheticLoader(shapes, batch_size=job.train.micro_batch_size, rank=rank, seed=job.train.seed)
+    from data_pipeline.stream import build_loader
+
+    tokenizer = None
+    if "tokens" in wants:
+        import open_clip
+
+        tokenizer = open_clip.get_tokenizer(job.model.name)
+    return build_loader(
+        job.data, batch_size=job.train.micro_batch_size, rank=rank, world_size=world_size, want=set(wants), tokenizer=tokenizer
+    )
+
+
+class Trainer:
+    def __init__(self, job: Any, run_dir: Path, info: dist.WorldInfo, device: str) -> None:
+        self.job, self.run_dir, self.info, self.device = job, Path(run_dir), info, device
+        self.rank, self.world_size = info.rank, info.world_size
+        self.stage = get_stage(job.stage)
+        self.faults = Faults()
+        self.stop = StopRequest()
+        self.ckpt = Checkpoints(self.run_dir / "checkpoints", self.rank, self.world_size, job.checkpoint.keep_last)
+        self.step = 0
+        self.samples_seen = 0
+        self.nonfinite_total = 0
+        self.consecutive_nonfinite = 0
+        self.window = {"steps": 0, "step_time_s": 0.0, "data_wait_s": 0.0}  # since the last logging step
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, resume: bool) -> None:
+        job = self.job
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        resume_dir = self._find_resume() if resume else None
+        meta = read_meta(resume_dir) if resume_dir is not None else None
+        universal = meta is not None and meta["world_size"] != self.world_size
+        if meta is not None:
+            self._check_compatible(meta, resume_dir)
+            if universal:
+                self._say(f"world size changed {meta['world_size']} -> {self.world_size}: converting {resume_dir.name} to a universal checkpoint")
+                self.ckpt.ensure_universal(resume_dir)
+
+        rng.seed_everything(job.train.seed)  # identical initial weights on every rank
+        model = self.stage.build(job)
+        self.module = StageModule(self.stage, model, StageContext(self.rank, self.world_size))
+        self.loader = open_loader(job, self.stage, self.rank, self.world_size)
+        if meta is None:
+            self._fit_before_training(model)
+        self.engine, self.ds_config = build_engine(self.module, job, self.world_size, self.device, load_universal=universal)
+        self.optimizer_guard = self.engine.client_optimizer if hasattr(self.engine, "client_optimizer") else None
+        self._register_direct_parameters(model)
+        self.ema = ShardedEMA(self.engine.module, job.train.ema_decay, self.rank, self.world_size)
+        self.n_params = count_parameters(self.engine.module.parameters())
+        rng.seed_everything(job.train.seed * 1000 + self.rank, self.module.generator)
+        if meta is not None:
+            self._restore(resume_dir, meta, universal)
+        self.metrics = Metrics(job.name, job.stage, self.rank, self.world_size, self.run_dir, job.metrics, self.info.local_rank)
+        self.metrics.start()
+        self.stop.install()
+
+    def _say(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[unclip train] {message}", flush=True)
+
+    def _find_resume(self) -> Optional[Path]:
+        found = self.ckpt.find_latest() if self.rank == 0 else None
+        found = dist.broadcast_object(str(found) if found is not None else None)
+        return Path(found) if found is not None else None
+
+    def _check_compatible(self, meta: dict[str, Any], step_dir: Path) -> None:
+        diffs = config_differences(meta["config"], config_to_dict(self.job))
+        if diffs:
+            raise CheckpointError(
+                f"checkpoint {step_dir} was written by an incompatible job; differing fields:\n  " + "\n  ".join(diffs)
+                + "\n(start a new run directory, or pass --no-resume to overwrite this run's checkpoints)"
+            )
+
+    def _fit_before_training(self, model: torch.nn.Module) -> None:
+        """The autoregressive prior's PCA: fit on rank 0's first batches, broadcast to all."""
+        if not hasattr(model, "fit_pca"):
+            return
+        if self.rank == 0:
+            need = max(4 * model.cfg.embed_dim, 256)
+            fit_loader = open_loader(self.job, self.stage, 0, 1)  # its own stream: training data order is untouched
+            images, texts = [], []
+            while sum(x.shape[0] for x in images) < need:
+                batch = next(fit_loader)
+                images.append(batch["image_embed"].float())
+                texts.append(batch["text_embed"].float())
+            model.fit_pca(torch.cat(images)[:need], torch.cat(texts)[:need])
+        buffers = {k: v.cpu() for k, v in model.named_buffers() if _persistent(model, k)}
+        buffers = dist.broadcast_object(buffers)
+        if self.rank != 0:
+            model.load_state_dict(buffers, strict=False)
+
+    def _register_direct_parameters(self, model: torch.nn.Module) -> None:
+        # ZeRO-3 gathers a module's parameters when that module's forward runs; a stage's loss
+        # may use the model's own (not a submodule's) parameters outside its forward.
+        if self.job.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            for p in model.parameters(recurse=False):
+                deepspeed.zero.register_external_parameter(self.engine.module, p)
+
+    def _restore(self, step_dir: Path, meta: dict[str, Any], universal: bool) -> None:
+        self.ckpt.load_engine(self.engine, step_dir, universal=universal)
+        old_world = meta["world_size"]
+        plain, tensors = self.ckpt.rank_state(step_dir, min(self.rank, old_world - 1))
+        if universal:
+            shards = [tensors if r == self.rank else self.ckpt.rank_state(step_dir, r)[1] for r in range(old_world)]
+            self.ema.load_shards([_ema_part(s) for s in shards])
+        else:
+            self.ema.load_own(_ema_part(tensors))
+        self.step, self.samples_seen = meta["step"], meta["samples_seen"]
+        self.nonfinite_total = meta.get("nonfinite_steps", 0)
+        self.loader.load_state_dict(plain["loader"])
+        if not universal:  # same ranks, same streams: continue every random stream exactly
+            rng.restore(plain["rng"], tensors, self.module.generator)
+        else:
+            rng.seed_everything(self.job.train.seed * 1000 + self.rank + 7919 * self.step, self.module.generator)
+        self._say(f"resumed from {step_dir} (step {self.step}, {self.samples_seen} samples, world size {old_world})")
+
+    # ------------------------------------------------------------------ steps
+    def run(self) -> int:
+        job = self.job
+        self._say(
+            f"stage {job.stage}: {self.n_params:,} parameters, world size {self.world_size}, ZeRO {job.deepspeed.zero_stage}, "
+            f"{resolve_precision(job.deepspeed.precision, self.device)}, steps {self.step} -> {job.train.steps}"
+        )
+        while self.step < job.train.steps:
+            loss, flags = self._train_step()
+            self.step += 1
+            self.faults.after_step(self.rank, self.step)
+            if self._after_step(loss, flags):
+                return 0
+        self.save()
+        return 0
+
+    def _train_step(self) -> tuple[float, dict[str, float]]:
+        job = self.job
+        lr = lr_at(self.step, job.optim, job.train.steps)
+        set_lr(self.engine, lr)
+        started = time.perf_counter()
+        data_wait, losses = 0.0, []
+        skipped_before = skipped_steps(self.engine, self.optimizer_guard)
+        for _ in range(job.train.grad_accum):
+            waited = time.perf_counter()
+            batch = next(self.loader)
+            data_wait += time.perf_counter() - waited
+            loss = self.engine(batch_to(batch, self.device))
+            if self.faults.nan_loss(self.step):
+                loss = loss * float("nan")
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(float(loss.detach()))
+        skipped = skipped_steps(self.engine, self.optimizer_guard) > skipped_before
+        finite = [x for x in losses if math.isfinite(x)]
+        # one collective per step: loss sum and count, ranks with a non-finite loss, stop requests
+        total, count, bad, stop = dist.all_reduce_sum(
+            [sum(finite), len(finite), float(len(finite) < len(losses) or skipped), float(self.stop.signal is not None)]
+        )
+        flags = {
+            "lr": lr, "skipped": bad > 0, "stop": stop > 0, "data_wait_s": data_wait,
+            "step_time_s": time.perf_counter() - started,
+        }
+        return (total / count if count else float("nan")), flags
+
+    def _after_step(self, loss: float, flags: dict[str, Any]) -> bool:
+        """Bookkeeping after optimizer step `self.step`; True when the run should stop now."""
+        job = self.job
+        self.samples_seen += job.train.micro_batch_size * job.train.grad_accum * self.world_size
+        if flags["skipped"]:
+            self._on_nonfinite()
+        else:
+            self.consecutive_nonfinite = 0
+            self.ema.update(self.step)
+        self._log(loss, flags)
+        if flags["stop"]:
+            self._say(f"stop requested (signal): saving a checkpoint at step {self.step}")
+            self.save()
+            return True
+        if self.step % job.checkpoint.every_steps == 0 and self.step < job.train.steps:
+            self.save()
+        return False
+
+    def _log(self, loss: float, flags: dict[str, Any]) -> None:
+        w = self.window
+        w["steps"] += 1
+        w["step_time_s"] += flags["step_time_s"]
+        w["data_wait_s"] += flags["data_wait_s"]
+        if self.step % self.job.train.log_every and self.step != self.job.train.steps:
+            return
+        grad_norm = None if flags["skipped"] else self.engine.get_global_grad_norm()
+        skipped_samples = getattr(self.loader, "skipped", None)
+        if skipped_samples:
+            self.metrics.set_skipped_samples(dict(skipped_samples))
+        self.metrics.log_step(  # a collective: every rank logs at the same steps
+            self.step,
+            loss=loss,
+            samples_total=self.samples_seen // self.world_size,
+            lr=flags["lr"],
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            step_time_s=w["step_time_s"] / w["steps"],
+            data_wait_s=w["data_wait_s"] / w["steps"],
+        )
+        self.window = {"steps": 0, "step_time_s": 0.0, "data_wait_s": 0.0}
+
+    def _on_nonfinite(self) -> None:
+        self.nonfinite_total += 1
+        self.consecutive_nonfinite += 1
+        self.metrics.count_skipped_step("nonfinite")
+        self._say(f"step {self.step}: non-finite loss or gradient; step skipped ({self.consecutive_nonfinite} in a row)")
+        limit = self.job.train.max_consecutive_nonfinite
+        if self.consecutive_nonfinite >= limit:
+            # skipped steps change no weights: the current state is the last good one
+            path = self.save()
+            raise TrainingAborted(
+                f"{limit} consecutive steps had a non-finite loss or gradient (last at step {self.step}); "
+                f"stopping. The last good state is saved in {path}. Lower optim.lr, raise optim.warmup_steps "
+                "or check the data."
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        started = time.perf_counter()
+        plain_rng, rng_tensors = rng.capture(self.module.generator)
+        tensors = {**rng_tensors, **{f"ema/{k}": v for k, v in self.ema.state_dict().items()}}
+        rank_state = {"rng": plain_rng, "loader": self.loader.state_dict(), "rank": self.rank}
+        meta = {
+            "stage": self.job.stage,
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "world_size": self.world_size,
+            "zero_stage": self.job.deepspeed.zero_stage,
+            "precision": resolve_precision(self.job.deepspeed.precision, self.device),
+            "nonfinite_steps": self.nonfinite_total,
+            "param_shapes": {k.removeprefix("model."): list(v) for k, v in self.ema.shapes.items()},
+            "config": config_to_dict(self.job),
+            "versions": torch_version_info(),
+        }
+        buffers = {k.removeprefix("model."): v for k, v in self.engine.module.named_buffers() if _persistent(self.engine.module, k)}
+        path = self.ckpt.save(
+            self.engine, self.step, rank_tensors=tensors, rank_state=rank_state, buffers=buffers, meta=meta,
+            on_written=lambda: self.faults.during_save(self.step),
+        )
+        seconds = time.perf_counter() - started
+        self.metrics.checkpoint_saved(self.step, seconds)
+        self._say(f"checkpoint {path} ({seconds:.1f}s)")
+        return path
+
+    def close(self) -> None:
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.close()
+
+
+def _ema_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("ema/"): v for k, v in tensors.items() if k.startswith("ema/")}
+
+
+def _persistent(module: torch.nn.Module, name: str) -> bool:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    return leaf not in owner._non_persistent_buffers_set
+
+
+def train(job: Any, run_dir: Path, *, resume: bool = True) -> int:
+    """Train `job` as this process's rank (rank discovery from the environment). Exit code."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    info = dist.world_info_from_env()
+    device = dist.init_process_group(info, job.deepspeed.timeout_s)
+    trainer = Trainer(job, run_dir, info, device)
+    try:
+        trainer.setup(resume)
+        return trainer.run()
+    except (TrainingAborted, CheckpointError) as err:
+        print(f"[unclip train] rank {info.rank}: {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        trainer.close()
