@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.flops import count_flops, flops_per_sample, measure_peak_flops
+from trainer.flops import count_flops, counted, flops_per_sample, measure_peak_flops
 
 
 def test_frozen_layers_cost_a_forward_only():
@@ -39,3 +39,16 @@ def test_bad_batch_size_is_rejected():
 def test_measured_peak_is_a_plausible_rate():
     peak = measure_peak_flops(seconds=0.02, size=64)
     assert math.isfinite(peak) and 1e6 < peak < 1e15
+
+
+def test_counted_returns_the_steps_result():
+    layer = nn.Linear(4, 3, bias=False)
+    x = torch.randn(5, 4)
+
+    def step():
+        loss = layer(x).sum()
+        loss.backward()
+        return loss
+
+    loss, flops = counted(step)
+    assert torch.isfinite(loss) and flops == 2 * (2 * 5 * 4 * 3)  # forward + weight grad

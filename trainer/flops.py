@@ -9,22 +9,33 @@ the count is right whatever is frozen.
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+T = TypeVar("T")
 
-def count_flops(step: Callable[[], object]) -> int:
-    """FLOPs of the matmul/conv/attention ops run by `step()` (e.g. forward + backward).
+
+def counted(step: Callable[[], T]) -> tuple[T, int]:
+    """Run `step()` once under the FLOP counter: (its result, the FLOPs it ran).
 
     Counts only what torch's flop counter knows (matmuls, convolutions, SDPA), which is
-    what "model FLOPs" means for MFU; elementwise ops are not counted.
+    what "model FLOPs" means for MFU; elementwise ops are not counted. Works around a
+    DeepSpeed engine's forward + backward too, so the trainer can count its first real
+    micro batch instead of running an extra one:
+        loss, flops = counted(lambda: forward_backward(batch))
+        flops_per_sample = flops / micro_batch_size
     """
     counter = FlopCounterMode(display=False)
     with counter:
-        step()
-    return int(counter.get_total_flops())
+        result = step()
+    return result, int(counter.get_total_flops())
+
+
+def count_flops(step: Callable[[], object]) -> int:
+    """FLOPs of the matmul/conv/attention ops run by `step()` (e.g. forward + backward)."""
+    return counted(step)[1]
 
 
 def flops_per_sample(
