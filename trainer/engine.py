@@ -44,7 +44,8 @@ def deepspeed_config(
     ds = job.deepspeed
     # DeepSpeed allocates its buckets up front (2 GB in fp32 by default): a small model needs
     # buckets no larger than itself.
-    bucket = DEFAULT_BUCKET if n_params is None else max(min(DEFAULT_BUCKET, n_params), 1 << 16)
+    # (rounded up to a multiple of 1024: DeepSpeed wants them aligned to the world size).
+    bucket = DEFAULT_BUCKET if n_params is None else max(min(DEFAULT_BUCKET, -(-n_params // 1024) * 1024), 1 << 16)
     zero: dict[str, Any] = {"stage": ds.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if ds.zero_stage >= 2:
         zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)

@@ -54,12 +54,42 @@ class StopRequest:
         self.signal = signum
 
 
-def open_loader(job: Any, stage: Any, rank: int, world_size: int) -> Any:
+class Batches:
+    """Endless batches from a resumable loader (passes over the data follow one another);
+    `state_dict()` is the loader's position after the last batch handed out."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self._it: Optional[Any] = None
+
+    def __next__(self) -> dict[str, Any]:
+        for _ in range(2):  # a fresh pass that is empty at once means no data at all
+            if self._it is None:
+                self._it = iter(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it = None
+        raise RuntimeError("the data loader yields no batches (check data.sources)")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+        self._it = None
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return dict(getattr(self.loader, "skipped", {}) or {})
+
+
+def open_loader(job: Any, stage: Any, rank: int, world_size: int) -> Batches:
     """The job's data loader for this rank (synthetic data when the job has no `data:`)."""
     wants = stage.wants(job)
     if job.data is None:
         shapes = {k: v for k, v in stage.batch_shapes(job).items() if k in wants}
-        return SyntheticLoader(shapes, batch_size=job.train.micro_batch_size, rank=rank, seed=job.train.seed)
+        return Batches(SyntheticLoader(shapes, batch_size=job.train.micro_batch_size, rank=rank, seed=job.train.seed))
     from data_pipeline.stream import build_loader
 
     tokenizer = None
@@ -67,9 +97,11 @@ def open_loader(job: Any, stage: Any, rank: int, world_size: int) -> Any:
         import open_clip
 
         tokenizer = open_clip.get_tokenizer(job.model.name)
-    return build_loader(
-        job.data, batch_size=job.train.micro_batch_size, rank=rank, world_size=world_size, want=set(wants), tokenizer=tokenizer
+    loader = build_loader(
+        job.data, batch_size=job.train.micro_batch_size, rank=rank, world_size=world_size, want=set(wants),
+        tokenizer=tokenizer, drop_last=True,  # every rank steps with full micro-batches
     )
+    return Batches(loader)
 
 
 class Trainer:
@@ -172,10 +204,16 @@ class Trainer:
             self.ema.load_own(_ema_part(tensors))
         self.step, self.samples_seen = meta["step"], meta["samples_seen"]
         self.nonfinite_total = meta.get("nonfinite_steps", 0)
-        self.loader.load_state_dict(plain["loader"])
-        if not universal:  # same ranks, same streams: continue every random stream exactly
+        if not universal:  # same ranks, same streams: continue the data and every random stream exactly
+            self.loader.load_state_dict(plain["loader"])
             rng.restore(plain["rng"], tensors, self.module.generator)
         else:
+            # A data position is a split of the shards over the old ranks; it has no meaning
+            # for another world size. Re-seed so the new ranks do not replay the old draws.
+            if self.job.data is None:
+                self.loader.load_state_dict(plain["loader"])
+            else:
+                self._say("world size changed: the data stream restarts from its seed (positions do not carry over)")
             rng.seed_everything(self.job.train.seed * 1000 + self.rank + 7919 * self.step, self.module.generator)
         self._say(f"resumed from {step_dir} (step {self.step}, {self.samples_seen} samples, world size {old_world})")
 
@@ -293,7 +331,9 @@ class Trainer:
             "zero_stage": self.job.deepspeed.zero_stage,
             "precision": resolve_precision(self.job.deepspeed.precision, self.device),
             "nonfinite_steps": self.nonfinite_total,
-            "param_shapes": {k.removeprefix("model."): list(v) for k, v in self.ema.shapes.items()},
+            "param_shapes": {
+                k.removeprefix("model."): list(self.module.original_shapes.get(k, v)) for k, v in self.ema.shapes.items()
+            },
             "config": config_to_dict(self.job),
             "versions": torch_version_info(),
         }

@@ -37,6 +37,13 @@ class StageModule(nn.Module):
 
     def __init__(self, stage: Stage, model: nn.Module, context: StageContext) -> None:
         super().__init__()
+        # DeepSpeed cannot broadcast 0-dim parameters (e.g. CLIP's logit_scale): train them as
+        # shape [1] and record the model's own shape for export.
+        self.original_shapes: dict[str, tuple[int, ...]] = {}
+        for name, p in model.named_parameters():
+            if p.ndim == 0:
+                self.original_shapes[f"model.{name}"] = ()
+                p.data = p.data.reshape(1)
         self.model = model
         self._stage = stage
         self._context = context
