@@ -228,19 +228,9 @@ class Metrics:
     """
 
     def __init__(
-        self,
-        job: str,
-        stage: str,
-        rank: int,
-        world_size: int,
-        run_dir: Optional[Path],
-        cfg: Any,
-        local_rank: int = 0,
-        *,
-        per_rank: Optional[bool] = None,
-        console: bool = True,
-        push_interval_s: float = 5.0,
-    ) -> None:
+        self, job: str, stage: str, rank: int, world_size: int, run_dir: Optional[Path], cfg: Any, local_rank: int = 0,
+        *, per_rank: Optional[bool] = None, console: bool = True, push_interval_s: float = 5.0,
+    ) -> None:  # fmt: skip
         if not 0 <= rank < world_size:
             raise ValueError(f"Metrics: rank {rank} is outside world_size {world_size}")
         self.job, self.stage, self.rank, self.world_size = job, stage, rank, world_size
@@ -320,18 +310,9 @@ class Metrics:
 
     # ----------------------------------------------------------------- training
     def log_step(
-        self,
-        step: int,
-        *,
-        loss: float,
-        samples_total: int,
-        lr: float,
-        grad_norm: Optional[float],
-        step_time_s: float,
-        data_wait_s: float,
-        components: Mapping[str, float] = {},
-        flops_per_sample: Optional[float] = None,
-    ) -> Optional[dict[str, Any]]:
+        self, step: int, *, loss: float, samples_total: int, lr: float, grad_norm: Optional[float],
+        step_time_s: float, data_wait_s: float, components: Mapping[str, float] = {}, flops_per_sample: Optional[float] = None,
+    ) -> Optional[dict[str, Any]]:  # fmt: skip
         """Record a logging step. A collective: call it on every rank at the same steps.
 
         Per-rank inputs: `samples_total` = samples this rank has consumed in the run,
