@@ -100,7 +100,8 @@ def _train(run_dir: Path, metrics_port: int) -> None:
     """`unclip train --nproc 2` of the demo prior, exporting from both ranks."""
     command = [sys.executable, "-m", "launch", "train", "--config", str(ROOT / "configs" / "demo" / "prior.yaml")]
     command += ["--run-dir", str(run_dir), "--nproc", "2", "--metrics-port", str(metrics_port)]
-    for override in (f"name={JOB}", f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}",
+    # data=null: the stage's synthetic batches, whatever data the demo config names
+    for override in ("data=null", f"name={JOB}", f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}",
                      f"train.micro_batch_size={BATCH}", "checkpoint.every_steps=1000"):
         command += ["--set", override]
     env = dict(os.environ, UNCLIP_METRICS_PER_RANK="1", OMP_NUM_THREADS="1")
