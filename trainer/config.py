@@ -70,6 +70,9 @@ class MetricsConfig:
     host: str = "127.0.0.1"
     pushgateway: Optional[str] = None
     peak_flops: Optional[PositiveFloat] = None  # per device, FLOP/s; measured at start if unset
+    # every rank also serves its own series on port + local rank; None: the environment
+    # variable UNCLIP_METRICS_PER_RANK decides (it reaches every rank of any launcher)
+    per_rank: Optional[bool] = None
 
 
 def _model_kind(value: Any) -> str:
