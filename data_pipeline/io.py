@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from typing import IO, Callable, Iterator, TypeVar, Union
+from typing import IO, Callable, Iterator, Optional, TypeVar, Union
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import braceexpand
@@ -146,6 +146,7 @@ class HTTPReader(io.RawIOBase):
         self.timeout, self.attempts, self.base_delay = timeout, attempts, base_delay
         self.pos = 0
         self._resp = None
+        self._expected: Optional[int] = None
         with_retries(self._connect, f"GET {self.masked}", attempts=attempts, base_delay=base_delay)
 
     def _connect(self) -> None:
@@ -171,6 +172,9 @@ class HTTPReader(io.RawIOBase):
                 if not chunk:
                     raise ConnectionError(f"GET {self.masked}: body shorter on retry")
                 remaining -= len(chunk)
+        length = resp.headers.get("Content-Length")
+        start = self.pos if resp.status == 206 else 0
+        self._expected = start + int(length) if length and length.isdigit() else None
         self._resp = resp
 
     def readable(self) -> bool:
@@ -180,6 +184,9 @@ class HTTPReader(io.RawIOBase):
         for attempt in range(self.attempts):
             try:
                 n = self._resp.readinto(buf)
+                if n == 0 and len(buf) and self._expected is not None and self.pos < self._expected:
+                    # http.client reports a connection cut short as a clean end of body
+                    raise http.client.IncompleteRead(b"", self._expected - self.pos)
                 self.pos += n
                 return n
             except (OSError, http.client.HTTPException) as err:

@@ -64,8 +64,9 @@ def iter_tar(url: str, skips: SkipCounter, *, max_member_bytes: int = DEFAULT_MA
     current_dup = False
     index = 0
     members_read = 0
+    counted = _CountingReader(stream)
     try:
-        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with stream, tarfile.open(fileobj=counted, mode="r|*") as tar:
             for member in tar:
                 members_read += 1
                 if member.isdir():
@@ -99,12 +100,30 @@ def iter_tar(url: str, skips: SkipCounter, *, max_member_bytes: int = DEFAULT_MA
                     current_dup = True
                     continue
                 current.fields[ext] = tar.extractfile(member).read()
+            # tarfile takes end-of-file at a header boundary for the end of the archive;
+            # a complete tar has an end-of-archive block there, so no room for one = cut.
+            if counted.eof and counted.total < tar.offset + tarfile.BLOCKSIZE:
+                raise EOFError("tar ends without an end-of-archive block")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         reason = "truncated_tar" if members_read else "unreadable_source"
         skips.skip(reason, f"{where} ({type(err).__name__})")
         return  # the sample in progress may be incomplete: drop it
     if current is not None and not current_dup:
         yield current
+
+
+class _CountingReader:
+    """Counts the bytes handed to tarfile and notes whether the stream ran dry."""
+
+    def __init__(self, f):
+        self.f, self.total, self.eof = f, 0, False
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.total += len(data)
+        if size is None or size < 0 or len(data) < size:
+            self.eof = True
+        return data
 
 
 class TarWriter:
