@@ -21,6 +21,7 @@ HANDLERS: dict[str, str] = {
     "shards": "launch.shards_cmd:main",
     "train": "launch.train_cmd:main",
     "export": "launch.export_cmd:main",
+    "launch": "launch.launch_cmd:main",
     "report": "launch.report_cmd:main",
 }
 
@@ -117,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     p.add_argument("--plan", action="store_true", help="print per-GPU memory under ZeRO 0-3")
     p.add_argument("--gpus", type=int, metavar="N", help="with --plan: total GPUs")
+    p.add_argument("--run-dir", metavar="DIR", help="run directory (default runs/<name>)")
+    p.add_argument("--master-port", type=int, default=29500, metavar="P", help="torchrun/SLURM/hostfile: rendezvous port")
+    p.add_argument("--gpus-per-node", type=int, default=8, metavar="G", help="SLURM and --plan: GPUs per node")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="with --plan: memory per GPU")
+    p.add_argument("--time", default="24:00:00", help="SLURM: time limit")
+    p.add_argument("--partition", help="SLURM: partition")
+    p.add_argument("--account", help="SLURM: account")
     _add_overrides(p)
 
     p = sub.add_parser("report", help="loss and throughput curves of a run, as a PNG")

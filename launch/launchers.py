@@ -147,5 +147,5 @@ def read_hostfile(path: Path) -> list[tuple[str, int]]:
 
 
 def shell_join(cmd: Sequence[str]) -> str:
-    # keep $VARS unquoted so a generated script expands them on the node
-    return " ".join(c if c.startswith("--rdzv-id=$") else shlex.quote(c) for c in cmd)
+    """A shell line; arguments holding $VARS are double-quoted so the node expands them."""
+    return " ".join(f'"{c}"' if "$" in c else shlex.quote(c) for c in cmd)

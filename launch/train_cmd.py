@@ -39,7 +39,7 @@ def load_train_job(config: str, overrides: list[str]) -> Any:
 
 def prepare_run_dir(job: Any, run_dir: Path, *, resume: bool) -> Path:
     """Write RUN_DIR/config.yaml; check a resumed run is compatible (ConfigError if not)."""
-    from trainer.checkpoint import Checkpoints, config_differences, read_meta
+    from trainer.checkpoint import Checkpoints, atomic_write_text, config_differences, read_meta
 
     checkpoints = run_dir / "checkpoints"
     if resume:
@@ -58,7 +58,7 @@ def prepare_run_dir(job: Any, run_dir: Path, *, resume: bool) -> Path:
     for sub in ("checkpoints", "logs", "samples"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
-    path.write_text(dump_config(job))
+    atomic_write_text(path, dump_config(job))  # every node of a job may write it at once
     return path
 
 
