@@ -40,3 +40,4 @@ class PrecomputeConfig:
     batch_size: PositiveInt = 256
     text_encodings: bool = False
     num_workers: NonNegativeInt = 2
+    device: Optional[str] = None  # None: cuda if available, else cpu

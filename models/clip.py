@@ -97,6 +97,11 @@ class ClipAdapter(nn.Module):
         return super().train(False)
 
     @property
+    def tokenizer(self):
+        """open_clip's tokenizer (picklable, holds no weights): `tokenizer(texts, context_length=L)`."""
+        return self._tokenizer
+
+    @property
     def device(self) -> torch.device:
         return self._mean.device
 

@@ -1,0 +1,255 @@
+"""`unclip precompute`: CLIP embeddings for every image shard, aligned by key.
+
+For each input shard `.../NAME.tar` this writes `OUT/NAME.tar` (see data_pipeline.embeddings
+for the layout) in the input's sample order, so readers join the two by key with no
+re-ordering job. Shards are split across ranks (`rank::world_size`) and, within a rank,
+across loader workers; every shard is written under a temporary name and renamed when
+complete, with a sidecar `NAME.tar.json` (count, skips). A restarted job skips the shards
+already renamed into place, so a killed job loses at most the shards in flight, and the
+outputs are byte-identical to an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.config import PrecomputeConfig
+from data_pipeline.decode import Skip, decode_caption, find_image, image_to_tensor, open_image, resize_center_crop
+from data_pipeline.embeddings import EmbeddingManifest, embedding_fields, embedding_shard_url, read_manifest, write_manifest
+from data_pipeline.io import atomic_write, exists, expand_urls, join_url, list_dir, makedirs, mask_url, read_bytes, remove, url_basename
+from data_pipeline.shards import SIZES_MANIFEST
+from data_pipeline.stats import SkipCounter
+from data_pipeline.tario import TarWriter, iter_tar
+from models.clip import ClipAdapter, load_clip_from_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PrecomputeSummary:
+    """This rank's work: shards written now, shards found done, samples, skips, time."""
+
+    rank: int
+    world_size: int
+    shards_assigned: int
+    shards_written: int
+    shards_already_done: int
+    samples: int
+    skipped: dict[str, int]
+    seconds: float
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{k}={v}" for k, v in self.skipped.items()) or "none"
+        return (f"rank {self.rank}/{self.world_size}: {self.shards_written} shard(s) written, "
+                f"{self.shards_already_done} already done, {self.samples} samples in {self.seconds:.1f}s "
+                f"({self.samples_per_second:.1f} samples/s); skipped: {skipped}")
+
+
+def world_info(rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple[int, int]:
+    """(rank, world size): explicit arguments (job arrays), else torch.distributed if it is
+    initialised, else the launcher's environment (torchrun, SLURM, Open MPI), else (0, 1)."""
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise ValueError("--rank and --world-size go together")
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"),
+                     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")):
+            if r in os.environ and w in os.environ:
+                rank, world_size = int(os.environ[r]), int(os.environ[w])
+                break
+        else:
+            rank, world_size = 0, 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world size {world_size})")
+    return rank, world_size
+
+
+class _ShardBatches(IterableDataset):
+    """Worker side: decode whole shards into batches; a final item per shard carries its skips."""
+
+    def __init__(self, shards: list[str], batch_size: int, image_size: int, tokenize: Callable):
+        super().__init__()
+        self.shards, self.batch_size, self.image_size, self.tokenize = shards, batch_size, image_size, tokenize
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for shard in self.shards[worker::workers]:
+            skips = SkipCounter()
+            keys, images, captions = [], [], []
+            for raw in iter_tar(shard, skips):
+                try:
+                    caption = decode_caption(raw.fields)
+                    img = resize_center_crop(open_image(find_image(raw.fields), draft_size=self.image_size), self.image_size)
+                except Skip as skip:
+                    skips.skip(skip.reason, f"{raw.key!r} in {mask_url(shard)}")
+                    continue
+                keys.append(raw.key)
+                images.append(image_to_tensor(img))
+                captions.append(caption)
+                if len(keys) == self.batch_size:
+                    yield self._batch(shard, keys, images, captions)
+                    keys, images, captions = [], [], []
+            if keys:
+                yield self._batch(shard, keys, images, captions)
+            yield {"shard": shard, "final": True, "skipped": skips.as_dict()}
+
+    def _batch(self, shard: str, keys: list, images: list, captions: list) -> dict[str, Any]:
+        return {"shard": shard, "final": False, "key": keys, "image": torch.stack(images), "caption": captions,
+                "tokens": self.tokenize(captions)}
+
+
+def _manifest(cfg: PrecomputeConfig, clip: ClipAdapter) -> EmbeddingManifest:
+    return EmbeddingManifest(cfg.clip.name, cfg.clip.pretrained, clip.embed_dim, clip.text_width,
+                             clip.context_length, cfg.text_encodings)
+
+
+def _check_manifest(out: str, manifest: EmbeddingManifest) -> None:
+    existing = read_manifest(out)
+    if existing is not None and existing != manifest:
+        raise ValueError(f"out: {mask_url(out)} already holds embeddings of another setup ({existing}); "
+                         f"this job would write {manifest}. Use a new folder.")
+    if existing is None:
+        write_manifest(out, manifest)
+
+
+def _remove_stale_temporaries(out: str, names: set[str]) -> None:
+    """Temporaries left by a killed run for shards this run redoes (never anyone else's)."""
+    for entry in list_dir(out):
+        base, sep, _ = entry.partition(".tmp-")
+        if sep and base in names:
+            remove(join_url(out, entry))
+
+
+def merge_sizes(out: str) -> dict[str, int]:
+    """Write `OUT/sizes.json` from the per-shard sidecars present now; returns it."""
+    sizes = {}
+    entries = list_dir(out)
+    for entry in entries:
+        if entry.endswith(".tar.json") and entry[: -len(".json")] in entries:
+            sizes[entry[: -len(".json")]] = json.loads(read_bytes(join_url(out, entry)))["count"]
+    with atomic_write(join_url(out, SIZES_MANIFEST), "w") as f:
+        json.dump(sizes, f, indent=1, sort_keys=True)
+    return sizes
+
+
+def run_precompute(
+    cfg: PrecomputeConfig,
+    *,
+    shards: Optional[str | list[str]] = None,
+    out: Optional[str] = None,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    device: Optional[str] = None,
+    clip: Optional[ClipAdapter] = None,
+    progress: bool = True,
+    on_batch: Optional[Callable[[int], None]] = None,
+) -> PrecomputeSummary:
+    """Embed this rank's share of the shards (`shards`/`out` override the config's).
+
+    `clip`: an already loaded adapter (else built from cfg.clip). `on_batch(n)` is called
+    after the n-th batch is written (tests use it to interrupt the job).
+    """
+    start = time.perf_counter()
+    urls = expand_urls(shards if shards is not None else cfg.shards)
+    out = out if out is not None else cfg.out
+    if not urls:
+        raise ValueError("shards: no input shard URLs (set `shards:` or pass --shards)")
+    if not out:
+        raise ValueError("out: no output folder (set `out:` or pass --out)")
+    names = [url_basename(u) for u in urls]
+    if len(set(names)) != len(names):
+        raise ValueError("shards: two input shards share a file name; their embedding shards would collide")
+    rank, world_size = world_info(rank, world_size)
+    device = device or cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    clip = clip if clip is not None else load_clip_from_config(cfg.clip, device=device)
+    makedirs(out)
+    _check_manifest(out, _manifest(cfg, clip))
+    mine = urls[rank::world_size]
+    todo = [u for u in mine if not exists(embedding_shard_url(out, u))]
+    _remove_stale_temporaries(out, {url_basename(u) for u in todo})
+    skips, samples, written = SkipCounter(), 0, 0
+    if todo:
+        samples, written = _embed_shards(cfg, clip, todo, out, skips, progress and rank == 0, on_batch)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        if rank == 0:
+            merge_sizes(out)
+    else:
+        merge_sizes(out)
+    summary = PrecomputeSummary(rank, world_size, len(mine), written, len(mine) - len(todo), samples,
+                                skips.as_dict(), time.perf_counter() - start)
+    log.info("%s", summary.summary())
+    return summary
+
+
+def _embed_shards(cfg: PrecomputeConfig, clip: ClipAdapter, todo: list[str], out: str, skips: SkipCounter,
+                  progress: bool, on_batch: Optional[Callable[[int], None]]) -> tuple[int, int]:
+    from tqdm import tqdm
+
+    tokenize = functools.partial(clip.tokenizer, context_length=clip.context_length)
+    dataset = _ShardBatches(todo, cfg.batch_size, clip.image_size, tokenize)
+    workers = min(cfg.num_workers, len(todo))
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers,
+                        multiprocessing_context="fork" if workers else None)
+    writers: dict[str, TarWriter] = {}
+    samples = written = batches = 0
+    bar = tqdm(total=len(todo), unit="shard", disable=not progress, dynamic_ncols=True)
+    try:
+        for item in loader:
+            shard = item["shard"]
+            writer = writers.get(shard)
+            if writer is None:
+                writer = writers[shard] = TarWriter(embedding_shard_url(out, shard))
+            if item["final"]:
+                _finish_shard(writers.pop(shard), item["skipped"], skips)
+                written += 1
+                bar.update(1)
+                continue
+            _write_batch(writer, clip, item, cfg.text_encodings)
+            samples += len(item["key"])
+            batches += 1
+            elapsed = bar.format_dict["elapsed"] or 1e-9
+            bar.set_postfix(samples=samples, rate=f"{samples / elapsed:.1f}/s", refresh=False)
+            if on_batch is not None:
+                on_batch(batches)
+    finally:
+        bar.close()
+        for writer in writers.values():  # interrupted: nothing half-written appears
+            writer.abort()
+    return samples, written
+
+
+@torch.no_grad()
+def _write_batch(writer: TarWriter, clip: ClipAdapter, item: dict[str, Any], with_encodings: bool) -> None:
+    image_embed = clip.encode_image(item["image"]).cpu().numpy()
+    text_embed, text_encodings, text_mask = (t.cpu().numpy() for t in clip.encode_text(item["tokens"]))
+    for i, key in enumerate(item["key"]):
+        enc = text_encodings[i] if with_encodings else None
+        writer.write(key, embedding_fields(item["caption"][i], image_embed[i], text_embed[i], enc, text_mask[i]))
+
+
+def _finish_shard(writer: TarWriter, skipped: dict[str, int], total: SkipCounter) -> None:
+    # Sidecar first, shard last: the shard's final name is the one mark of completion.
+    with atomic_write(writer.url + ".json", "w") as f:
+        json.dump({"count": writer.count, "skipped": skipped}, f, sort_keys=True)
+    writer.close()
+    total.update(skipped)
+    for reason, n in skipped.items():
+        log.info("%s: skipped %d sample(s): %s", mask_url(writer.url), n, reason)
