@@ -133,7 +133,10 @@ class NpyRows:
         self.url = url
         self.f = open_url(url)
         version = np.lib.format.read_magic(self.f)
-        shape, fortran, dtype = np.lib.format._read_array_header(self.f, version)  # noqa: SLF001
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise ValueError(f"{mask_url(url)}: unsupported .npy format version {version}")
+        shape, fortran, dtype = readers[version](self.f)
         if fortran or len(shape) != 2 or dtype.hasobject:
             raise ValueError(f"{mask_url(url)}: expected a C-order 2-D numeric array, got shape {shape}")
         self.rows, self.dim, self.dtype = shape[0], shape[1], dtype
