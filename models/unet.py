@@ -58,6 +58,52 @@ def _norm(groups: int, channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels)
 
 
+class PointwiseConv(nn.Conv2d):
+    """A 1x1 convolution computed as a matmul over the channel axis: on channels-last CPU
+    tensors PyTorch runs 1x1 convs on its slow im2col path, a matmul on oneDNN/BLAS."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight.view(self.out_channels, self.in_channels)
+        out = F.linear(x.permute(0, 2, 3, 1), weight, self.bias)
+        return out.permute(0, 3, 1, 2)
+
+
+def _fold_taps(w: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Along kernel axis `dim` (3 taps), the 2-tap kernels that nearest-2x upsampling followed
+    by the 3-tap kernel amounts to, for even and odd output positions: taps (w0, w1 + w2) over
+    low-res positions (i - 1, i) and (w0 + w1, w2) over (i, i + 1)."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
+
+
+def upsample_conv3x3(h: Tensor, conv: nn.Conv2d) -> Tensor:
+    """`conv(nearest_upsample_2x(h))` for a 3x3, padding-1 `conv`, computed exactly on the
+    low-res grid as four 2x2 convolutions, one per output phase, interleaved: 16 instead of 36
+    multiply-adds per low-res pixel and channel pair, and no upsampled input in memory.
+    `h`: `[batch, in, h, w]` -> `[batch, out, 2h, 2w]` (channels-last)."""
+    height, width = h.shape[-2:]
+    padded = F.pad(h, (1, 1, 1, 1))
+    rows = _fold_taps(conv.weight, 2)
+    phases = []
+    for a, row_kernel in enumerate(rows):
+        cols = _fold_taps(row_kernel, 3)
+        # phase (a, b) reads padded rows a .. a + h and columns b .. b + w
+        phases.append(
+            [
+                F.conv2d(padded[:, :, a : a + height + 1, b : b + width + 1], kernel, conv.bias)
+                for b, kernel in enumerate(cols)
+            ]
+        )
+    # out[n, c, 2i + a, 2j + b] = phases[a][b][n, c, i, j], assembled channels-last in one copy
+    grid = torch.stack(
+        [torch.stack([p.permute(0, 2, 3, 1) for p in row], dim=3) for row in phases], dim=2
+    )  # [n, h, a, w, b, c]
+    return rearrange(grid, "n h a w b c -> n (h a) (w b) c").permute(0, 3, 1, 2)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, the second norm modulated by `emb` (scale-shift); optional
     2x resampling of both branches before the first conv (BigGAN/ADM `resblock_updown`)."""
@@ -79,7 +125,7 @@ class ResBlock(nn.Module):
         self.norm_out = _norm(groups, out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv_out = _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        self.skip = nn.Identity() if in_channels == out_channels else PointwiseConv(in_channels, out_channels)
 
     def _resample(self, x: Tensor) -> Tensor:
         if self.resample == "up":
@@ -91,7 +137,7 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """`x`: `[batch, in, h, w]`; `emb`: `[batch, emb_dim]`, already through SiLU."""
         h = F.silu(self.norm_in(x))
-        h = self.conv_in(self._resample(h))
+        h = upsample_conv3x3(h, self.conv_in) if self.resample == "up" else self.conv_in(self._resample(h))
         x = self._resample(x)
         scale, shift = rearrange(self.emb_proj(emb), "b (two c) -> two b c 1 1", two=2)
         h = torch.addcmul(shift, self.norm_out(h), 1 + scale)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.unet import UNet, UNetConfig
+import torch.nn.functional as F
+
+from models.unet import UNet, UNetConfig, upsample_conv3x3
 
 
 @pytest.fixture(autouse=True)
@@ -159,3 +161,16 @@ def test_config_errors_name_the_key():
         UNet(UNetConfig(**{**TINY.__dict__, "norm_groups": 5}), 3, 3, image_size=16)
     with pytest.raises(ValueError, match="head_channels"):
         UNet(UNetConfig(**{**TINY.__dict__, "head_channels": 7}), 3, 3, image_size=16)
+
+
+@pytest.mark.parametrize("channels_in, channels_out, height, width", [(8, 8, 4, 6), (5, 3, 1, 1), (16, 24, 7, 3)])
+def test_subpixel_upsample_conv_equals_nearest_then_conv(channels_in, channels_out, height, width):
+    conv = torch.nn.Conv2d(channels_in, channels_out, 3, padding=1).double()
+    h = torch.randn(2, channels_in, height, width, dtype=torch.float64, requires_grad=True)
+    ref = conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+    out = upsample_conv3x3(h, conv)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.square().sum(), (h, conv.weight, conv.bias))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (h, conv.weight, conv.bias))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
