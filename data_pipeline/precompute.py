@@ -149,6 +149,17 @@ def merge_sizes(out: str) -> dict[str, int]:
     return sizes
 
 
+SUCCESS_MARKER = "_SUCCESS"
+
+
+def _finish_job(out: str, urls: list[str]) -> None:
+    """Merge `sizes.json`; once every input shard has its embedding shard, write `_SUCCESS`."""
+    sizes = merge_sizes(out)
+    if all(url_basename(u) in sizes for u in urls):
+        with atomic_write(join_url(out, SUCCESS_MARKER), "w") as f:
+            json.dump({"shards": len(urls), "samples": sum(sizes.values())}, f)
+
+
 def run_precompute(
     cfg: PrecomputeConfig,
     *,
@@ -190,9 +201,9 @@ def run_precompute(
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         if rank == 0:
-            merge_sizes(out)
+            _finish_job(out, urls)
     else:
-        merge_sizes(out)
+        _finish_job(out, urls)  # job arrays: whichever rank finishes last completes it
     summary = PrecomputeSummary(rank, world_size, len(mine), written, len(mine) - len(todo), samples,
                                 skips.as_dict(), time.perf_counter() - start)
     log.info("%s", summary.summary())

@@ -87,6 +87,7 @@ def test_killed_and_restarted_equals_uninterrupted(clip, shards, tmp_path):
         run_precompute(cfg(), shards=shards, out=resumed, clip=clip, progress=False, on_batch=kill)
     done = sorted(os.listdir(resumed))
     assert done == ["embeddings.json", "shard-000000.tar", "shard-000000.tar.json"]  # nothing half-written
+    # (an interrupted job writes neither sizes.json nor _SUCCESS)
     (tmp_path / "resumed" / "shard-000001.tar.tmp-deadbeef").write_bytes(b"left by a SIGKILL")
     summary = run_precompute(cfg(), shards=shards, out=resumed, clip=clip, progress=False)
     assert (summary.shards_already_done, summary.shards_written, summary.samples) == (1, 3, 10)
@@ -99,8 +100,10 @@ def test_ranks_split_the_shards_and_together_equal_one_run(clip, shards, tmp_pat
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_precompute(cfg(), shards=shards, out=one, clip=clip, progress=False)
     a = run_precompute(cfg(), shards=shards, out=two, rank=0, world_size=2, clip=clip, progress=False)
+    assert not os.path.exists(os.path.join(two, "_SUCCESS"))  # half the shards are still missing
     b = run_precompute(cfg(), shards=shards, out=two, rank=1, world_size=2, clip=clip, progress=False)
     assert (a.shards_written, b.shards_written) == (2, 2) and a.samples + b.samples == 14
+    assert os.path.exists(os.path.join(two, "_SUCCESS"))
     assert outputs(two) == outputs(one)
 
 
