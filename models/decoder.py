@@ -63,6 +63,10 @@ class DecoderConfig:
         _check_divisible(self.image_size, self.unet, "image_size")
 
 
+def _upsampler_unet() -> UNetConfig:
+    return UNetConfig(attention_resolutions=())  # unCLIP appendix C: "Neither upsampler uses attention"
+
+
 @config_dataclass
 class UpsamplerConfig:
     lowres_size: PositiveInt = 64
@@ -72,7 +76,7 @@ class UpsamplerConfig:
     degradation: Literal["gaussian_blur", "bsr"] = "gaussian_blur"
     blur_sigma: tuple[NonNegativeFloat, NonNegativeFloat] = (0.4, 0.6)
     blur_kernel_size: Optional[PositiveInt] = None  # odd; None: 3 sigma either side (paper: 3)
-    unet: UNetConfig = Field(default_factory=UNetConfig)
+    unet: UNetConfig = Field(default_factory=_upsampler_unet)
     diffusion: DiffusionConfig = Field(default_factory=_image_diffusion)
     bsr: BSRConfig = Field(default_factory=BSRConfig)  # used when degradation is "bsr"
     # how the low-res image is resized up to image_size before it is concatenated

@@ -221,6 +221,13 @@ class UNet(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.cond_dim, self.context_dim, self.extra_in_channels = cond_dim, context_dim, extra_in_channels
         self.downsample_factor = 2 ** (len(cfg.channel_mults) - 1)
+        sizes = [image_size // 2**level for level in range(len(cfg.channel_mults))]
+        unknown = sorted(set(cfg.attention_resolutions) - set(sizes))
+        if image_size % self.downsample_factor or unknown:
+            raise ValueError(
+                f"unet.attention_resolutions {list(cfg.attention_resolutions)}: {unknown} are not feature-map "
+                f"sizes of this UNet, which at image_size {image_size} has {sizes}"
+            )
         base = cfg.base_channels
         emb_dim = 4 * base
         self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))

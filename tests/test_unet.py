@@ -159,6 +159,8 @@ def test_bad_inputs_name_the_problem(kwargs, message):
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="norm_groups"):
         UNet(UNetConfig(**{**TINY.__dict__, "norm_groups": 5}), 3, 3, image_size=16)
+    with pytest.raises(ValueError, match=r"attention_resolutions \[8, 3\]: \[3\] are not feature-map sizes"):
+        UNet(UNetConfig(**{**TINY.__dict__, "attention_resolutions": (8, 3)}), 3, 3, image_size=16)
     with pytest.raises(ValueError, match="head_channels"):
         UNet(UNetConfig(**{**TINY.__dict__, "head_channels": 7}), 3, 3, image_size=16)
 
