@@ -249,16 +249,17 @@ class UnCLIPPipeline:
 
     @torch.no_grad()
     def interpolate(
-        self, image_a: Tensor, image_b: Tensor, steps: int = 5, *, seed: int = 0, **decode_kwargs: Any
+        self, image_a: Tensor, image_b: Tensor, frames: int = 5, *, seed: int = 0, **decode_kwargs: Any
     ) -> Tensor:
-        """`steps` frames `[steps, 3, S, S]` from `image_a` to `image_b` (each `[3, H, W]` or
+        """`frames` images `[frames, 3, S, S]` from `image_a` to `image_b` (each `[3, H, W]` or
         `[1, 3, H, W]`): slerp between their CLIP image embeddings at evenly spaced weights
-        0..1, every frame decoded from the same noise (deterministic with the default DDIM,
-        eta 0; per-step noise of DDPM or eta > 0 still differs between frames)."""
-        if steps < 2:
-            raise ValueError(f"interpolate: steps (frames) must be >= 2, got {steps}")
+        0..1, every frame decoded from the same noise (deterministic with DDIM, eta 0; the
+        per-step noise of DDPM or eta > 0 still differs between frames). `decode_kwargs` (e.g.
+        sampling `steps`) go to `decode`."""
+        if frames < 2:
+            raise ValueError(f"interpolate: frames must be >= 2, got {frames}")
         embeds = self.encode_image(torch.cat([_batch_of_one(image_a), _batch_of_one(image_b)]))
-        weights = torch.linspace(0, 1, steps, device=self.device)
+        weights = torch.linspace(0, 1, frames, device=self.device)
         frames = slerp(embeds[0], embeds[1], weights)
         return self.decode(frames, generator=self.generator(seed), share_noise=True, **decode_kwargs)
 

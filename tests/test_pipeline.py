@@ -168,6 +168,9 @@ def test_interpolation_shares_noise_across_frames(pipe, small):
     assert _in_range(pipe.interpolate(a, b, 3, seed=0), 3, 32)
     frames = small.interpolate(a, b, 4, seed=0)
     assert _in_range(frames, 4, 8)
+    # frames and sampling steps are separate options
+    assert torch.equal(small.interpolate(a, b, frames=4, seed=0, steps=2), frames)
+    assert not torch.equal(small.interpolate(a, b, frames=4, seed=0, steps=1), frames)
     assert not torch.allclose(frames[0], frames[-1])
     # one embedding and one noise for every frame: interpolating an image with itself is constant
     still = small.interpolate(a, a, 3, seed=0)
