@@ -131,3 +131,20 @@ def test_rank_discovery(env, expected):
 def test_rank_discovery_rejects_inconsistent_variables():
     with pytest.raises(ValueError, match="outside world size"):
         world_info_from_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+TRAINING_CONFIGS = sorted(
+    str(p) for folder in ("configs/demo", "configs/paper") for p in __import__("pathlib").Path(folder).glob("*.yaml")
+    if "precompute" not in p.name
+)
+
+
+@pytest.mark.parametrize("path", TRAINING_CONFIGS)
+def test_shipped_training_configs_are_complete_jobs(path):
+    from launch.config_files import load_config
+    from trainer.engine import deepspeed_config
+
+    job = load_config(path)
+    assert job.name != "unclip" and job.data is not None, "every shipped job names itself and its data"
+    ds = deepspeed_config(job, world_size=64, device="cuda:0")
+    assert ds["train_batch_size"] == job.train.micro_batch_size * job.train.grad_accum * 64
