@@ -203,7 +203,6 @@ def test_stages_must_chain():
         UnCLIPPipeline(StubClip(), None, decoder, [wrong])
 
 
-@pytest.mark.slow
 def test_with_the_real_tiny_clip():
     from models.clip import load_clip
 
