@@ -98,18 +98,32 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img
 
 
+def image_to_uint8(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ByteTensor [3, H, W] (batches are converted to float in one op)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def uint8_to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """ByteTensor [..., 3, H, W] -> FloatTensor in [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> FloatTensor [3, H, W] in [-1, 1]."""
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-    return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return uint8_to_unit_range(image_to_uint8(img))
 
 
-def decode_image(data: Optional[bytes], size: Optional[int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """Image bytes -> [3, size, size] in [-1, 1] (native size if `size` is None)."""
+def decode_image_uint8(data: Optional[bytes], size: Optional[int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Image bytes -> ByteTensor [3, size, size] (native size if `size` is None)."""
     img = open_image(data, max_pixels, draft_size=size)
     if size is not None:
         img = resize_center_crop(img, size)
-    return image_to_tensor(img)
+    return image_to_uint8(img)
+
+
+def decode_image(data: Optional[bytes], size: Optional[int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Image bytes -> FloatTensor [3, size, size] in [-1, 1] (native size if `size` is None)."""
+    return uint8_to_unit_range(decode_image_uint8(data, size, max_pixels))
 
 
 def decode_npy(data: Union[bytes, np.ndarray, None], *, expect_dim: Optional[int] = None,

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import PrecomputeConfig
-from data_pipeline.decode import Skip, decode_caption, find_image, image_to_tensor, open_image, resize_center_crop
+from data_pipeline.decode import Skip, decode_caption, find_image, image_to_uint8, open_image, resize_center_crop, uint8_to_unit_range
 from data_pipeline.embeddings import EmbeddingManifest, embedding_fields, embedding_shard_url, read_manifest, write_manifest
 from data_pipeline.io import atomic_write, exists, expand_urls, join_url, list_dir, makedirs, mask_url, read_bytes, remove, url_basename
 from data_pipeline.shards import SIZES_MANIFEST
@@ -101,7 +101,7 @@ class _ShardBatches(IterableDataset):
                     skips.skip(skip.reason, f"{raw.key!r} in {mask_url(shard)}")
                     continue
                 keys.append(raw.key)
-                images.append(image_to_tensor(img))
+                images.append(image_to_uint8(img))
                 captions.append(caption)
                 if len(keys) == self.batch_size:
                     yield self._batch(shard, keys, images, captions)
@@ -249,7 +249,7 @@ def _embed_shards(cfg: PrecomputeConfig, clip: ClipAdapter, todo: list[str], out
 
 @torch.no_grad()
 def _write_batch(writer: TarWriter, clip: ClipAdapter, item: dict[str, Any], with_encodings: bool) -> None:
-    image_embed = clip.encode_image(item["image"]).cpu().numpy()
+    image_embed = clip.encode_image(uint8_to_unit_range(item["image"].to(clip.device))).cpu().numpy()
     text_embed, text_encodings, text_mask = (t.cpu().numpy() for t in clip.encode_text(item["tokens"]))
     for i, key in enumerate(item["key"]):
         enc = text_encodings[i] if with_encodings else None

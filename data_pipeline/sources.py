@@ -18,7 +18,7 @@ import torch
 
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.decode import (DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_IMAGE_PIXELS, Skip, decode_caption,
-                                  decode_image, decode_npy, find_image)
+                                  decode_image_uint8, decode_npy, find_image, uint8_to_unit_range)
 from data_pipeline.embeddings import (IMG_EMB, TXT_EMB, TXT_ENC, EmbeddingManifest, NpyRows, clip_retrieval_parts,
                                       embedding_shard_url, iter_clip_retrieval, iter_joined, read_manifest)
 from data_pipeline.io import exists, expand_urls, join_url, mask_url, read_bytes, url_basename, url_dirname
@@ -174,7 +174,7 @@ def to_example(raw: RawSample, spec: ExampleSpec) -> dict[str, Any]:
         ex["text_encodings"] = torch.from_numpy(padded)
         ex["text_mask"] = torch.arange(length) < enc.shape[0]
     if "image" in want:
-        ex["image"] = decode_image(find_image(fields), spec.image_size, spec.max_image_pixels)
+        ex["image"] = decode_image_uint8(find_image(fields), spec.image_size, spec.max_image_pixels)
     return ex
 
 
@@ -184,6 +184,8 @@ def collate(examples: list[dict[str, Any]], tokenizer: Optional[Callable] = None
     for name in examples[0]:
         values = [ex[name] for ex in examples]
         batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    if "image" in batch:  # decoded as uint8 per sample; one conversion per batch is cheaper
+        batch["image"] = uint8_to_unit_range(batch["image"])
     if tokenizer is not None and "caption" in batch:
         batch["tokens"] = tokenizer(batch["caption"])
     return batch

@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 
 from data_pipeline.io import atomic_write, mask_url, open_url
 from data_pipeline.stats import SkipCounter
+from data_pipeline.tarstream import DIRECTORY, REGULAR, TarFormatError, TarStream
 
 DEFAULT_MAX_MEMBER_BYTES = 64 * 2**20
 
@@ -63,16 +64,15 @@ def iter_tar(url: str, skips: SkipCounter, *, max_member_bytes: int = DEFAULT_MA
     current: Optional[RawSample] = None
     current_dup = False
     index = 0
-    members_read = 0
-    counted = _CountingReader(stream)
+    tar = None
     try:
-        with stream, tarfile.open(fileobj=counted, mode="r|*") as tar:
-            for member in tar:
-                members_read += 1
-                if member.isdir():
+        with stream:
+            tar = TarStream(stream)
+            for member in tar.members():
+                if member.kind == DIRECTORY:
                     continue
                 name = member.name
-                if not is_safe_member_name(name) or not member.isfile():
+                if member.kind != REGULAR or not is_safe_member_name(name):
                     skips.skip("unsafe_member_name", f"{where}: member {name[:80]!r}")
                     continue
                 key, ext = split_key(name)
@@ -99,31 +99,13 @@ def iter_tar(url: str, skips: SkipCounter, *, max_member_bytes: int = DEFAULT_MA
                     skips.skip("duplicate_key", f"{where}: {name[:80]!r} twice")
                     current_dup = True
                     continue
-                current.fields[ext] = tar.extractfile(member).read()
-            # tarfile takes end-of-file at a header boundary for the end of the archive;
-            # a complete tar has an end-of-archive block there, so no room for one = cut.
-            if counted.eof and counted.total < tar.offset + tarfile.BLOCKSIZE:
-                raise EOFError("tar ends without an end-of-archive block")
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        reason = "truncated_tar" if members_read else "unreadable_source"
+                current.fields[ext] = tar.read()
+    except (TarFormatError, EOFError, OSError, zlib.error) as err:
+        reason = "truncated_tar" if tar is not None and tar.members_read else "unreadable_source"
         skips.skip(reason, f"{where} ({type(err).__name__})")
         return  # the sample in progress may be incomplete: drop it
     if current is not None and not current_dup:
         yield current
-
-
-class _CountingReader:
-    """Counts the bytes handed to tarfile and notes whether the stream ran dry."""
-
-    def __init__(self, f):
-        self.f, self.total, self.eof = f, 0, False
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.f.read(size)
-        self.total += len(data)
-        if size is None or size < 0 or len(data) < size:
-            self.eof = True
-        return data
 
 
 class TarWriter:

@@ -177,3 +177,35 @@ def test_writer_is_atomic_and_refuses_bad_keys(tmp_path):
             w.write("a.b", {"txt": b"x"})
         w.write("dir/k", {"txt": b"x", "npy": np.zeros(2).tobytes()})
     assert [s.key for s in read_all(url)[0]] == ["dir/k"]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("compress", ["", "gz"])
+def test_fast_reader_agrees_with_tarfile(tmp_path, fmt, compress):
+    names = ["a.txt", "d" * 90 + "/" + "k" * 60 + ".jpg", "x/y.json"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names += ["n" * 150 + ".txt", "é" * 5 + ".txt"]
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, f"w:{compress}", format=fmt) as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 700 * i + 1
+            tar.addfile(info, io.BytesIO(bytes([i]) * info.size))
+        link = tarfile.TarInfo("link.txt")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    samples, skips = read_all(str(path))
+    got = {f"{s.key}.{ext}": data for s in samples for ext, data in s.fields.items()}
+    assert got == {name: bytes([i]) * (700 * i + 1) for i, name in enumerate(names)}
+    assert skips.as_dict() == {"unsafe_member_name": 1}
+
+
+def test_fast_reader_rejects_garbage_and_corrupt_headers(tmp_path):
+    path = tmp_path / "t.tar"
+    path.write_bytes(b"\x00\x01garbage" * 100)
+    assert read_all(str(path))[1].as_dict() == {"unreadable_source": 1}
+    good = _raw_tar([("a.txt", b"a"), ("b.txt", b"b")])
+    corrupt = good[:512 + 512] + b"\xff" * 100 + good[512 + 512 + 100:]  # second header damaged
+    path.write_bytes(corrupt)
+    samples, skips = read_all(str(path))
+    assert samples == [] and skips.as_dict() == {"truncated_tar": 1}
