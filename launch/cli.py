@@ -21,6 +21,7 @@ HANDLERS: dict[str, str] = {
     "shards": "launch.shards_cmd:main",
     "train": "launch.train_cmd:main",
     "export": "launch.export_cmd:main",
+    "sample": "launch.sample_cmd:main",
     "launch": "launch.launch_cmd:main",
     "report": "launch.report_cmd:main",
 }
