@@ -136,27 +136,34 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--model", default="unclip-tiny")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--precompute-workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads in the main process (on a small shared CPU box, more threads than "
+                        "free cores make torch's kernels spin and the timings meaningless)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS_data_pipeline.md"))
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     images = make_images(args.images, args.source_size)
     with tempfile.TemporaryDirectory() as folder:
         shards = write(images, folder, per_shard=128)
         loader = bench_loader(images, shards, args.workers, args.size, args.batch, args.repeats)
-        pre = bench_precompute(images, shards, args.model, args.device, args.batch, args.workers, args.repeats)
+        pre = bench_precompute(images, shards, args.model, args.device, args.batch, args.precompute_workers,
+                               args.repeats)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     rows = [
         f"| loader, {args.workers} workers, {args.source_size} px JPEG -> {args.size} px | {loader['loader']:.0f} | "
         f"raw decode+resize loop: {loader['raw']:.0f} | **{loader['loader'] / loader['raw']:.2f}** |",
         f"| loader in-process (0 workers) | {loader['inproc']:.0f} | raw decode+resize loop: {loader['raw']:.0f} | "
         f"{loader['inproc'] / loader['raw']:.2f} |",
-        f"| precompute `{args.model}` ({pre['image_size']} px) on {args.device}, {args.workers} workers | "
+        f"| precompute `{args.model}` ({pre['image_size']} px) on {args.device}, {args.precompute_workers} worker(s) | "
         f"{pre['job']:.0f} | plain open_clip forward loop: {pre['plain']:.0f} | **{pre['job'] / pre['plain']:.2f}** |",
     ]
     text = "\n".join([
         f"### `python benchmarks/data_pipeline.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        f"{args.images} images, batch {args.batch}, best of {args.repeats} (interleaved); {os.cpu_count()} CPU cores; device: {device}; "
+        f"{args.images} images, batch {args.batch}, best of {args.repeats} (interleaved); {os.cpu_count()} CPU cores "
+        f"(load average before: {os.getloadavg()[0]:.1f}); torch threads {args.threads}; device: {device}; "
         f"torch {torch.__version__}.",
         "",
         "| measurement | samples/s | baseline samples/s | ratio (target >= 0.9) |",

@@ -98,14 +98,25 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img
 
 
-def image_to_uint8(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> ByteTensor [3, H, W] (batches are converted to float in one op)."""
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+def image_to_uint8(img: Image.Image) -> np.ndarray:
+    """RGB PIL image -> uint8 array [H, W, 3]; batches are converted to float in one step."""
+    return np.asarray(img, dtype=np.uint8)
 
 
-def uint8_to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """ByteTensor [..., 3, H, W] -> FloatTensor in [-1, 1]."""
-    return images.float().div_(127.5).sub_(1.0)
+def uint8_to_unit_range(images: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    """uint8 images [B, H, W, 3] (or one [H, W, 3]) -> FloatTensor [B, 3, H, W] in [-1, 1].
+
+    On the CPU this runs in numpy: torch's multi-threaded elementwise kernels are slower
+    than one thread for batch-sized arrays on a busy machine. On an accelerator it runs there.
+    """
+    if isinstance(images, torch.Tensor) and images.device.type != "cpu":
+        x = images.permute(0, 3, 1, 2) if images.ndim == 4 else images.permute(2, 0, 1)
+        return x.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
+    arr = images.numpy() if isinstance(images, torch.Tensor) else images
+    arr = np.moveaxis(arr, -1, -3).astype(np.float32)
+    arr *= 1 / 127.5
+    arr -= 1.0
+    return torch.from_numpy(arr)
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -113,8 +124,8 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
     return uint8_to_unit_range(image_to_uint8(img))
 
 
-def decode_image_uint8(data: Optional[bytes], size: Optional[int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """Image bytes -> ByteTensor [3, size, size] (native size if `size` is None)."""
+def decode_image_uint8(data: Optional[bytes], size: Optional[int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Image bytes -> uint8 array [size, size, 3] (native size if `size` is None)."""
     img = open_image(data, max_pixels, draft_size=size)
     if size is not None:
         img = resize_center_crop(img, size)

@@ -111,7 +111,7 @@ class _ShardBatches(IterableDataset):
             yield {"shard": shard, "final": True, "skipped": skips.as_dict()}
 
     def _batch(self, shard: str, keys: list, images: list, captions: list) -> dict[str, Any]:
-        return {"shard": shard, "final": False, "key": keys, "image": torch.stack(images), "caption": captions,
+        return {"shard": shard, "final": False, "key": keys, "image": torch.from_numpy(np.stack(images)), "caption": captions,
                 "tokens": self.tokenize(captions)}
 
 
@@ -189,6 +189,8 @@ def run_precompute(
         raise ValueError("shards: two input shards share a file name; their embedding shards would collide")
     rank, world_size = world_info(rank, world_size)
     device = device or cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per local rank
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     clip = clip if clip is not None else load_clip_from_config(cfg.clip, device=device)
     makedirs(out)
     _check_manifest(out, _manifest(cfg, clip))
@@ -249,7 +251,7 @@ def _embed_shards(cfg: PrecomputeConfig, clip: ClipAdapter, todo: list[str], out
 
 @torch.no_grad()
 def _write_batch(writer: TarWriter, clip: ClipAdapter, item: dict[str, Any], with_encodings: bool) -> None:
-    image_embed = clip.encode_image(uint8_to_unit_range(item["image"].to(clip.device))).cpu().numpy()
+    image_embed = clip.encode_image(uint8_to_unit_range(item["image"].to(clip.device))).cpu().numpy()  # [B, H, W, 3] uint8
     text_embed, text_encodings, text_mask = (t.cpu().numpy() for t in clip.encode_text(item["tokens"]))
     for i, key in enumerate(item["key"]):
         enc = text_encodings[i] if with_encodings else None

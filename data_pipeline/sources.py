@@ -183,9 +183,12 @@ def collate(examples: list[dict[str, Any]], tokenizer: Optional[Callable] = None
     batch: dict[str, Any] = {}
     for name in examples[0]:
         values = [ex[name] for ex in examples]
-        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    if "image" in batch:  # decoded as uint8 per sample; one conversion per batch is cheaper
-        batch["image"] = uint8_to_unit_range(batch["image"])
+        if name == "image":  # uint8 [H, W, 3] per sample; one conversion per batch is cheaper
+            batch[name] = uint8_to_unit_range(np.stack(values))
+        elif isinstance(values[0], torch.Tensor):
+            batch[name] = torch.stack(values)
+        else:
+            batch[name] = values
     if tokenizer is not None and "caption" in batch:
         batch["tokens"] = tokenizer(batch["caption"])
     return batch

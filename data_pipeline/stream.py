@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import DataConfig
 from data_pipeline.decode import Skip
+from data_pipeline.io import mask_url
 from data_pipeline.sources import ExampleSpec, SourcePlan, collate, plan_sources, to_example
 from data_pipeline.stats import SkipCounter
 from data_pipeline.tario import RawSample
@@ -206,7 +207,7 @@ class _BatchStream(IterableDataset):
             try:
                 examples.append(to_example(raw, self.spec))
             except Skip as skip:
-                skips.skip(skip.reason, f"{raw.key!r} in {raw.shard}")
+                skips.skip(skip.reason, f"{raw.key!r} in {mask_url(raw.shard)}")
                 continue
             if len(examples) == self.batch_size:
                 yield {**collate(examples, self.tokenizer), "_meta": meta(False)}

@@ -314,6 +314,15 @@ def test_credentials_are_masked_in_urls_and_logs(http_root, caplog):
             keys_of(loader)
     assert "hunter2" not in caplog.text and "hunter2" not in str(err.value)
     assert loader.skipped == {"unreadable_source": 1}
+    root, _ = http_root
+    with TarWriter(str(root / "mixed-000000.tar")) as w:
+        w.write("good", {"jpg": _jpeg(0), "txt": b"good"})
+        w.write("bad", {"jpg": b"\xff\xd8 garbage", "txt": b"bad"})
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        loader = build_loader(config(f"{base}/mixed-000000.tar", resampled=False), batch_size=2, want={"image"})
+        assert keys_of(loader) == ["good"]
+    assert loader.skipped == {"undecodable_image": 1} and "bad" in caplog.text and "hunter2" not in caplog.text
 
 
 def test_fsspec_memory_filesystem_is_clean_between_tests():
