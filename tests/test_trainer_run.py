@@ -120,7 +120,8 @@ def test_resume_at_world_size_1_from_2_rank_checkpoint(prior_run, tmp_path):
 def test_decoder_trains_under_zero(zero_stage, tmp_path):
     job = merged(
         TINY_DECODER, deepspeed={"zero_stage": zero_stage, "timeout_s": 60},
-        train={"steps": 10, "micro_batch_size": 4, "log_every": 1, "seed": 0}, checkpoint={"every_steps": 5, "keep_last": 1},
+        train={"steps": 10, "micro_batch_size": 4, "log_every": 1, "seed": 0, "sample_every": 5},
+        checkpoint={"every_steps": 5, "keep_last": 1},
     )
     config = write_job(tmp_path / "decoder.yaml", job)
     done = train(config, tmp_path / "run")
@@ -130,6 +131,12 @@ def test_decoder_trains_under_zero(zero_stage, tmp_path):
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")] == ["step_0000010"]  # keep_last=1
     meta = json.loads((tmp_path / "run" / "checkpoints" / "step_0000010" / "meta.json").read_text())
     assert meta["zero_stage"] == zero_stage
+    # sample grids from the EMA weights (gathered from the ZeRO shards): inputs row, samples row
+    from PIL import Image
+
+    grids = sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png"))
+    assert grids == ["step_0000005.png", "step_0000010.png"]
+    assert Image.open(tmp_path / "run" / "samples" / "step_0000010.png").size == (4 * 8, 2 * 8)
 
 
 def test_prior_zero3_trains(tmp_path):

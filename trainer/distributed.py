@@ -126,6 +126,16 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def gather_object(obj: Any, dst: int = 0) -> Optional[list[Any]]:
+    """Every rank's `obj`, in rank order, on rank `dst` (None on the others)."""
+    if not is_initialized():
+        return [obj]
+    rank = torch.distributed.get_rank()
+    out: Optional[list[Any]] = [None] * torch.distributed.get_world_size() if rank == dst else None
+    torch.distributed.gather_object(obj, out, dst=dst)
+    return out
+
+
 def destroy() -> None:
     if is_initialized():
         torch.distributed.destroy_process_group()

@@ -28,8 +28,10 @@ from trainer.checkpoint import Checkpoints, CheckpointError, config_differences,
 from trainer.ema import ShardedEMA
 from trainer.engine import build_engine, count_parameters, resolve_precision, set_lr, skipped_steps
 from trainer.faults import Faults
+from trainer.flops import counted
 from trainer.lr import lr_at
 from trainer.metrics import Metrics
+from trainer.samples import has_samples, keep_for_sampling, write_grid
 from trainer.stages import StageContext, StageModule, get_stage
 from trainer.synthetic import SyntheticLoader, batch_to
 
@@ -117,6 +119,9 @@ class Trainer:
         self.nonfinite_total = 0
         self.consecutive_nonfinite = 0
         self.window = {"steps": 0, "step_time_s": 0.0, "data_wait_s": 0.0}  # since the last logging step
+        self.sample_every = job.train.sample_every if has_samples(job.stage) else 0
+        self.sample_batch: Optional[dict[str, Any]] = None  # rank 0: the conditions of every grid
+        self.flops_per_sample: Optional[float] = None
 
     # ------------------------------------------------------------------ set-up
     def setup(self, resume: bool) -> None:
@@ -204,6 +209,7 @@ class Trainer:
             self.ema.load_own(_ema_part(tensors))
         self.step, self.samples_seen = meta["step"], meta["samples_seen"]
         self.nonfinite_total = meta.get("nonfinite_steps", 0)
+        self.flops_per_sample = meta.get("flops_per_sample")
         if not universal:  # same ranks, same streams: continue the data and every random stream exactly
             self.loader.load_state_dict(plain["loader"])
             rng.restore(plain["rng"], tensors, self.module.generator)
@@ -244,10 +250,9 @@ class Trainer:
             waited = time.perf_counter()
             batch = next(self.loader)
             data_wait += time.perf_counter() - waited
-            loss = self.engine(batch_to(batch, self.device))
-            if self.faults.nan_loss(self.step):
-                loss = loss * float("nan")
-            self.engine.backward(loss)
+            if self.sample_every and self.sample_batch is None and self.rank == 0:
+                self.sample_batch = keep_for_sampling(batch)
+            loss = self._forward_backward(batch_to(batch, self.device))
             self.engine.step()
             losses.append(float(loss.detach()))
         skipped = skipped_steps(self.engine, self.optimizer_guard) > skipped_before
@@ -262,6 +267,23 @@ class Trainer:
         }
         return (total / count if count else float("nan")), flags
 
+    def _forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
+        def run() -> torch.Tensor:
+            loss = self.engine(batch)
+            if self.faults.nan_loss(self.step):
+                loss = loss * float("nan")
+            self.engine.backward(loss)
+            return loss
+
+        if self.flops_per_sample is not None or self.step > 0:
+            return run()
+        # Count the run's very first micro-batch (model FLOPs, for MFU). Counting can pick other
+        # kernels (e.g. attention), so only step 0 is counted and resumed runs take the count
+        # from the checkpoint: a resumed run stays bit-identical to one that never stopped.
+        loss, flops = counted(run)
+        self.flops_per_sample = flops / self.job.train.micro_batch_size
+        return loss
+
     def _after_step(self, loss: float, flags: dict[str, Any]) -> bool:
         """Bookkeeping after optimizer step `self.step`; True when the run should stop now."""
         job = self.job
@@ -272,6 +294,8 @@ class Trainer:
             self.consecutive_nonfinite = 0
             self.ema.update(self.step)
         self._log(loss, flags)
+        if self.sample_every and self.step % self.sample_every == 0:
+            self._sample()
         if flags["stop"]:
             self._say(f"stop requested (signal): saving a checkpoint at step {self.step}")
             self.save()
@@ -291,15 +315,19 @@ class Trainer:
         skipped_samples = getattr(self.loader, "skipped", None)
         if skipped_samples:
             self.metrics.set_skipped_samples(dict(skipped_samples))
-        self.metrics.log_step(  # a collective: every rank logs at the same steps
-            self.step,
-            loss=loss,
-            samples_total=self.samples_seen // self.world_size,
-            lr=flags["lr"],
-            grad_norm=None if grad_norm is None else float(grad_norm),
-            step_time_s=w["step_time_s"] / w["steps"],
-            data_wait_s=w["data_wait_s"] / w["steps"],
-        )
+        # Logging may draw random numbers (the first one measures peak FLOP/s): keep them out of
+        # the training streams, so a resumed run stays bit-identical.
+        with torch.random.fork_rng(devices=[]):
+            self.metrics.log_step(  # a collective: every rank logs at the same steps
+                self.step,
+                loss=loss,
+                samples_total=self.samples_seen // self.world_size,
+                lr=flags["lr"],
+                grad_norm=None if grad_norm is None else float(grad_norm),
+                step_time_s=w["step_time_s"] / w["steps"],
+                data_wait_s=w["data_wait_s"] / w["steps"],
+                flops_per_sample=self.flops_per_sample,
+            )
         self.window = {"steps": 0, "step_time_s": 0.0, "data_wait_s": 0.0}
 
     def _on_nonfinite(self) -> None:
@@ -317,6 +345,28 @@ class Trainer:
                 "or check the data."
             )
 
+    def _sample(self) -> None:
+        started = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):  # building the sampling model draws init weights
+            out = self._write_grid()
+        if out is not None:
+            self._say(f"samples {out} ({time.perf_counter() - started:.1f}s)")
+
+    def _write_grid(self) -> Optional[Path]:
+        return write_grid(
+            stage=self.stage, job=self.job, ema_state=self.ema.state_dict(), shapes=self._export_shapes(),
+            buffers=self._buffers(), batch=self.sample_batch, seed=self.job.train.seed,
+            out=self.run_dir / "samples" / f"step_{self.step:07d}.png",
+        )
+
+    def _export_shapes(self) -> dict[str, list[int]]:
+        """Full shapes of the trained parameters as the model declares them."""
+        return {k: list(self.module.original_shapes.get(k, v)) for k, v in self.ema.shapes.items()}
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        module = self.engine.module
+        return {k.removeprefix("model."): v.cpu() for k, v in module.named_buffers() if _persistent(module, k)}
+
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         started = time.perf_counter()
@@ -331,15 +381,13 @@ class Trainer:
             "zero_stage": self.job.deepspeed.zero_stage,
             "precision": resolve_precision(self.job.deepspeed.precision, self.device),
             "nonfinite_steps": self.nonfinite_total,
-            "param_shapes": {
-                k.removeprefix("model."): list(self.module.original_shapes.get(k, v)) for k, v in self.ema.shapes.items()
-            },
+            "flops_per_sample": self.flops_per_sample,
+            "param_shapes": {k.removeprefix("model."): v for k, v in self._export_shapes().items()},
             "config": config_to_dict(self.job),
             "versions": torch_version_info(),
         }
-        buffers = {k.removeprefix("model."): v for k, v in self.engine.module.named_buffers() if _persistent(self.engine.module, k)}
         path = self.ckpt.save(
-            self.engine, self.step, rank_tensors=tensors, rank_state=rank_state, buffers=buffers, meta=meta,
+            self.engine, self.step, rank_tensors=tensors, rank_state=rank_state, buffers=self._buffers(), meta=meta,
             on_written=lambda: self.faults.during_save(self.step),
         )
         seconds = time.perf_counter() - started
