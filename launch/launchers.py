@@ -52,11 +52,12 @@ def _describe(code: int) -> str:
     return f"exit code {code}"
 
 
-def run_local(worker: Sequence[str], nproc: int, *, grace_s: float = 30.0, env: Optional[dict[str, str]] = None) -> int:
+def run_local(worker: Sequence[str], nproc: int, *, grace_s: float = 5.0, env: Optional[dict[str, str]] = None) -> int:
     """Run `nproc` ranks of `python -m launch.worker <worker>` here; their combined exit code.
 
-    The first rank to fail decides the result: the others get SIGTERM (they save nothing, since
-    a peer is gone, and fail their next collective) and SIGKILL after `grace_s` seconds.
+    The first rank to fail decides the result: the others get SIGTERM and SIGKILL after
+    `grace_s` seconds (a short wait: with a peer gone they cannot save anything). A SIGTERM or
+    SIGINT sent to this process goes to every rank, which checkpoint and exit on their own.
     """
     base = dict(os.environ if env is None else env)
     port = free_port()

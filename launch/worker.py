@@ -38,10 +38,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"[unclip worker] rank {rank}: {err}", file=sys.stderr, flush=True)
         return 2
-    except Exception as err:  # a lost peer surfaces here as a collective's timeout/connection error
+    except Exception as err:
         traceback.print_exc()
-        print(f"[unclip worker] rank {rank} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        print(f"[unclip worker] rank {rank} failed: {type(err).__name__}: {_first_line(err)}", file=sys.stderr, flush=True)
+        if _is_lost_peer(err):
+            print(
+                f"[unclip worker] rank {rank}: a collective failed, so another rank is gone or stopped responding "
+                "(deepspeed.timeout_s bounds the wait); the launcher's log names it. The job resumes from "
+                "RUN_DIR/checkpoints/latest when restarted.",
+                file=sys.stderr, flush=True,
+            )
         return 1
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _is_lost_peer(err: BaseException) -> bool:
+    """A gloo/NCCL error of a collective whose peer died or hung (timeouts, closed sockets)."""
+    text = f"{type(err).__name__} {err}".lower()
+    return any(s in text for s in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "nccl"))
 
 
 if __name__ == "__main__":

@@ -213,3 +213,15 @@ def test_export_loads_without_deepspeed(prior_run, tmp_path):
     name = "to_out.weight"
     merged_ema = torch.cat([shards[0][f"ema/model.{name}"], shards[1][f"ema/model.{name}"]])[: weights[name].numel()]
     assert torch.equal(weights[name].reshape(-1), merged_ema)
+
+
+def test_a_hung_rank_ends_the_job_after_the_collective_timeout(tmp_path):
+    job = merged(TINY_PRIOR, train={**TINY_PRIOR["train"], "steps": 20}, deepspeed={"zero_stage": 2, "timeout_s": 8})
+    config = write_job(tmp_path / "prior.yaml", job)
+    started = time.monotonic()
+    done = train(config, tmp_path / "run", env={"UNCLIP_FAULT_HANG": "1@3"})
+    assert done.returncode == 1, explain(done)
+    assert time.monotonic() - started < 90  # no hang: the survivor's collective timed out
+    assert "rank 0: a collective failed, so another rank is gone or stopped responding" in done.stderr
+    assert "rank 0 failed" in done.stderr  # the launcher names the rank that exited, then stops the rest
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()  # nothing half-saved

@@ -4,6 +4,7 @@ Set in the environment of a training job (never in a config file):
 
     UNCLIP_FAULT_NAN_STEPS=3,4        the loss of these optimizer steps is NaN on every rank
     UNCLIP_FAULT_KILL=RANK@STEP       rank RANK kills itself (SIGKILL) after step STEP
+    UNCLIP_FAULT_HANG=RANK@STEP       rank RANK stops responding (sleeps) after step STEP
     UNCLIP_FAULT_KILL_IN_SAVE=STEP    every rank dies with SIGKILL while saving step STEP,
                                       after DeepSpeed's files are written, before meta.json
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Optional
 
 
@@ -22,8 +24,8 @@ def _steps(name: str) -> set[int]:
     return {int(s) for s in value.split(",") if s.strip()} if value else set()
 
 
-def _kill_point() -> Optional[tuple[int, int]]:
-    value = os.environ.get("UNCLIP_FAULT_KILL", "").strip()
+def _rank_at_step(name: str) -> Optional[tuple[int, int]]:
+    value = os.environ.get(name, "").strip()
     if not value:
         return None
     rank, _, step = value.partition("@")
@@ -33,7 +35,8 @@ def _kill_point() -> Optional[tuple[int, int]]:
 class Faults:
     def __init__(self) -> None:
         self.nan_steps = _steps("UNCLIP_FAULT_NAN_STEPS")
-        self.kill = _kill_point()
+        self.kill = _rank_at_step("UNCLIP_FAULT_KILL")
+        self.hang = _rank_at_step("UNCLIP_FAULT_HANG")
         self.kill_in_save = _steps("UNCLIP_FAULT_KILL_IN_SAVE")
 
     def nan_loss(self, step: int) -> bool:
@@ -42,6 +45,9 @@ class Faults:
     def after_step(self, rank: int, step: int) -> None:
         if self.kill == (rank, step):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.hang == (rank, step):
+            while True:
+                time.sleep(3600)
 
     def during_save(self, step: int) -> None:
         if step in self.kill_in_save:
