@@ -29,6 +29,7 @@ from data_pipeline.embeddings import EmbeddingManifest, embedding_fields, embedd
 from data_pipeline.io import atomic_write, exists, expand_urls, join_url, list_dir, makedirs, mask_url, read_bytes, remove, url_basename
 from data_pipeline.shards import SIZES_MANIFEST
 from data_pipeline.stats import SkipCounter
+from data_pipeline.stream import keep_batch
 from data_pipeline.tario import TarWriter, iter_tar
 from models.clip import ClipAdapter, load_clip_from_config
 
@@ -219,7 +220,7 @@ def _embed_shards(cfg: PrecomputeConfig, clip: ClipAdapter, todo: list[str], out
     tokenize = functools.partial(clip.tokenizer, context_length=clip.context_length)
     dataset = _ShardBatches(todo, cfg.batch_size, clip.image_size, tokenize)
     workers = min(cfg.num_workers, len(todo))
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers,
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=keep_batch,
                         multiprocessing_context="fork" if workers else None)
     writers: dict[str, TarWriter] = {}
     samples = written = batches = 0

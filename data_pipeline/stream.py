@@ -217,6 +217,11 @@ class _BatchStream(IterableDataset):
         yield {"_meta": meta(True)}
 
 
+def keep_batch(item: Any) -> Any:
+    """Batches are collated in the worker; skip DataLoader's recursive default_convert."""
+    return item
+
+
 def _at_epoch_start(state: dict) -> bool:
     start = {"epoch": state["epoch"], "unit": 0, "offset": 0}
     return state["block"] == 0 and state["emitted"] == 0 and all(c in (None, start) for c in state["cursors"])
@@ -289,7 +294,7 @@ class StreamLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         at_epoch_start = all(_at_epoch_start(s) for s in self._slot_states.values())
         read = [0] * len(self.plans)
-        loader = DataLoader(self._dataset(), batch_size=None, num_workers=self.cfg.num_workers,
+        loader = DataLoader(self._dataset(), batch_size=None, num_workers=self.cfg.num_workers, collate_fn=keep_batch,
                             persistent_workers=False, prefetch_factor=2 if self.cfg.num_workers else None,
                             multiprocessing_context="fork" if self.cfg.num_workers else None)
         for item in loader:
