@@ -209,3 +209,19 @@ def test_fast_reader_rejects_garbage_and_corrupt_headers(tmp_path):
     path.write_bytes(corrupt)
     samples, skips = read_all(str(path))
     assert samples == [] and skips.as_dict() == {"truncated_tar": 1}
+
+
+def test_writer_output_is_byte_identical_to_tarfile_gnu(tmp_path):
+    samples = [("k1", {"txt": b"hello", "jpg": b"x" * 1000}), ("d" * 95, {"txt": b"a"}),
+               ("n" * 120, {"json": b"{}"}), ("é/ü", {"txt": b"u"}), ("big", {"bin": b"z" * 20000})]
+    with TarWriter(str(tmp_path / "fast.tar")) as w:
+        for key, fields in samples:
+            w.write(key, fields)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for key, fields in samples:
+            for ext, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+                tar.addfile(info, io.BytesIO(data))
+    assert (tmp_path / "fast.tar").read_bytes() == buf.getvalue()
