@@ -21,7 +21,7 @@ from data_pipeline.decode import (DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_IMAGE_P
                                   decode_image_uint8, decode_npy, find_image, uint8_to_unit_range)
 from data_pipeline.embeddings import (IMG_EMB, TXT_EMB, TXT_ENC, EmbeddingManifest, NpyRows, clip_retrieval_parts,
                                       embedding_shard_url, iter_clip_retrieval, iter_joined, read_manifest)
-from data_pipeline.io import exists, expand_urls, join_url, mask_url, read_bytes, url_basename, url_dirname
+from data_pipeline.io import exists, expand_urls, join_url, mask_url, read_bytes, url_dirname
 from data_pipeline.shards import SIZES_MANIFEST
 from data_pipeline.stats import SkipCounter
 from data_pipeline.tario import RawSample, iter_tar

@@ -23,7 +23,6 @@ import math
 import random
 from typing import Any, Callable, Iterator, Optional
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import DataConfig

@@ -9,7 +9,6 @@ mtime/owner), so re-running a job produces byte-identical shards.
 from __future__ import annotations
 
 import dataclasses
-import io
 import posixpath
 import tarfile
 import zlib

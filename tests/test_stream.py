@@ -15,7 +15,6 @@ import zlib
 import fsspec
 import pytest
 import torch
-from PIL import Image
 
 from data_pipeline import shapes
 from data_pipeline.config import DataConfig, SourceConfig
