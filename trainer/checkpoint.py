@@ -287,10 +287,6 @@ def _fsync_dir_files(step_dir: Path, rank: int) -> None:
             os.close(fd)
 
 
-def load_tensor_file(path: Path) -> dict[str, Tensor]:
-    return load_file(path)
-
-
 def torch_version_info() -> dict[str, str]:
     import deepspeed
 

@@ -3,8 +3,9 @@
 Each rank keeps, for every parameter, an fp32 EMA of only its slice of the flattened
 parameter: elements `[rank * p, (rank + 1) * p)` with `p = ceil(numel / world_size)` (zero
 padded), which is exactly the partition ZeRO-3 keeps in `param.ds_tensor`. So the EMA costs
-4 bytes per parameter per job, not per rank, under every ZeRO stage, and a checkpoint's EMA
-shards can be merged into full tensors (export) or re-cut for another world size (resume).
+4 bytes per parameter per job, not per rank, under every ZeRO stage; it stays on the
+parameter's device (no host copies per step), and a checkpoint's EMA shards can be merged
+into full tensors (export) or re-cut for another world size (resume).
 The EMA weights are what sampling and export use.
 """
 
@@ -24,12 +25,12 @@ def shard_bounds(numel: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 def cut_shard(full: Tensor, rank: int, world_size: int) -> Tensor:
-    """`rank`'s zero-padded fp32 slice of `full` (any shape)."""
+    """`rank`'s zero-padded fp32 slice of `full` (any shape), on `full`'s device."""
     flat = full.detach().reshape(-1).float()
     start, stop = shard_bounds(flat.numel(), rank, world_size)
-    out = torch.zeros(stop - start, dtype=torch.float32)
+    out = torch.zeros(stop - start, dtype=torch.float32, device=flat.device)
     piece = flat[start:stop]
-    out[: piece.numel()] = piece.cpu()
+    out[: piece.numel()] = piece
     return out
 
 
@@ -41,10 +42,10 @@ def merge_shards(shards: list[Tensor], shape: Iterable[int]) -> Tensor:
 
 
 def _local_view(param: nn.Parameter, rank: int, world_size: int) -> Tensor:
-    """This rank's slice of `param`'s current value, as fp32 on CPU."""
+    """This rank's slice of `param`'s current value, as fp32 on the parameter's device."""
     ds_tensor = getattr(param, "ds_tensor", None)
     if ds_tensor is not None:  # ZeRO-3: the partition is all this rank holds
-        return ds_tensor.detach().reshape(-1).float().cpu()
+        return ds_tensor.detach().reshape(-1).float()
     return cut_shard(param.data, rank, world_size)
 
 
@@ -74,19 +75,20 @@ class ShardedEMA:
             self.shadow[name].mul_(d).add_(_local_view(p, self.rank, self.world_size), alpha=1 - d)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return dict(self.shadow)
+        """This rank's slices, on CPU."""
+        return {name: t.cpu() for name, t in self.shadow.items()}
 
     def load_own(self, shard: Mapping[str, Tensor]) -> None:
         """Restore this rank's slices, saved by the same rank at the same world size."""
         self._check(shard)
-        self.shadow = {name: shard[name].float().clone() for name in self.shadow}
+        self.shadow = {name: shard[name].float().to(self.shadow[name].device).clone() for name in self.shadow}
 
     def load_shards(self, shards_by_rank: list[Mapping[str, Tensor]]) -> None:
         """Restore from the EMA shards of every rank of a checkpoint at another world size."""
         self._check(shards_by_rank[0])
         for name in self.shadow:
             full = merge_shards([s[name] for s in shards_by_rank], self.shapes[name])
-            self.shadow[name] = cut_shard(full, self.rank, self.world_size)
+            self.shadow[name] = cut_shard(full, self.rank, self.world_size).to(self.shadow[name].device)
 
     def _check(self, shard: Mapping[str, Tensor]) -> None:
         missing = sorted(set(self.shadow) - set(shard))

@@ -33,7 +33,7 @@ from trainer.lr import lr_at
 from trainer.metrics import Metrics
 from trainer.samples import has_samples, keep_for_sampling, write_grid
 from trainer.stages import StageContext, StageModule, get_stage
-from trainer.synthetic import SyntheticLoader, batch_to
+from trainer.synthetic import SyntheticLoader
 
 log = logging.getLogger("unclip.train")
 
@@ -84,6 +84,10 @@ class Batches:
     @property
     def skipped(self) -> dict[str, int]:
         return dict(getattr(self.loader, "skipped", {}) or {})
+
+
+def batch_to(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 def open_loader(job: Any, stage: Any, rank: int, world_size: int) -> Batches:
@@ -419,7 +423,10 @@ def train(job: Any, run_dir: Path, *, resume: bool = True) -> int:
     trainer = Trainer(job, run_dir, info, device)
     try:
         trainer.setup(resume)
-        return trainer.run()
+        code = trainer.run()
+        dist.barrier()
+        dist.destroy()  # only after success: with a peer gone, tearing down could block
+        return code
     except (TrainingAborted, CheckpointError) as err:
         print(f"[unclip train] rank {info.rank}: {err}", file=sys.stderr, flush=True)
         return 1

@@ -8,7 +8,8 @@ one gathered layer at a time). In fp32 weights and gradients take 4 bytes and th
 
 Activations are estimated by running the stage's loss once on PyTorch's `meta` device (shapes
 only, no memory, no time) and adding up the outputs of every leaf module: what autograd keeps
-for the backward pass, without activation checkpointing. The EMA lives in host memory.
+for the backward pass, without activation checkpointing. The EMA is sharded like ZeRO-3
+(4 bytes per parameter over all GPUs).
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ class StagePlan:
     params: float
     grads: float
     optimizer: float
+    ema: float
     activations: Optional[float]
     deepspeed_estimate: Optional[float]
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + (self.activations or 0.0)
+        return self.params + self.grads + self.optimizer + self.ema + (self.activations or 0.0)
 
 
 def bytes_per_param(precision: str) -> tuple[int, int, int]:
@@ -55,7 +57,10 @@ def zero_plan(size: ModelSize, zero_stage: int, gpus: int, precision: str) -> St
     params = p * w / gpus + 2 * w * size.largest_layer if zero_stage == 3 else p * w
     grads = p * g / gpus if zero_stage >= 2 else p * g
     optimizer = p * o / gpus if zero_stage >= 1 else p * o
-    return StagePlan(zero_stage, params, grads, optimizer, size.activations_bytes, _deepspeed_estimate(size, zero_stage, gpus))
+    ema = 4 * p / gpus
+    return StagePlan(
+        zero_stage, params, grads, optimizer, ema, size.activations_bytes, _deepspeed_estimate(size, zero_stage, gpus)
+    )
 
 
 def _deepspeed_estimate(size: ModelSize, zero_stage: int, gpus: int) -> Optional[float]:
@@ -131,12 +136,12 @@ def format_plan(job: Any, size: ModelSize, gpus: int, nodes: int, gpu_memory_gib
     from trainer.engine import resolve_precision
 
     precision = resolve_precision(job.deepspeed.precision, "cuda")
-    per_node = gpus // nodes
     lines = [
         f"{job.stage} job {job.name!r}: {size.params:,} parameters (largest layer {size.largest_layer:,}), "
         f"{precision}, micro-batch {job.train.micro_batch_size} per GPU, {gpus} GPU(s) on {nodes} node(s)",
         "per-GPU memory in GiB:",
-        f"{'ZeRO':>4} {'weights':>9} {'grads':>9} {'optimizer':>10} {'activations':>12} {'total':>9} {'DeepSpeed est.':>15}"
+        f"{'ZeRO':>4} {'weights':>9} {'grads':>9} {'optimizer':>10} {'EMA':>7} {'activations':>12} {'total':>9} "
+        f"{'DeepSpeed est.':>15}"
         + ("  fits?" if gpu_memory_gib else ""),
     ]
     for zero_stage in range(4):
@@ -145,15 +150,15 @@ def format_plan(job: Any, size: ModelSize, gpus: int, nodes: int, gpu_memory_gib
         ds = "" if plan.deepspeed_estimate is None else f"{plan.deepspeed_estimate / GiB:.2f}"
         row = (
             f"{zero_stage:>4} {plan.params / GiB:>9.2f} {plan.grads / GiB:>9.2f} {plan.optimizer / GiB:>10.2f} "
-            f"{act:>12} {plan.total / GiB:>9.2f} {ds:>15}"
+            f"{plan.ema / GiB:>7.2f} {act:>12} {plan.total / GiB:>9.2f} {ds:>15}"
         )
         if gpu_memory_gib:
             row += "  yes" if plan.total / GiB < 0.9 * gpu_memory_gib else "  no"
         lines.append(row)
     lines.append(
-        f"host memory per node for the EMA (fp32, sharded like ZeRO-3): {4 * size.params * per_node / gpus / GiB:.2f} GiB"
+        "DeepSpeed est.: its estimator's model states (weights, grads, optimizer). activations: estimated "
+        "without activation checkpointing (deepspeed.activation_checkpointing: true cuts them)"
     )
-    lines.append("activations: without activation checkpointing (deepspeed.activation_checkpointing: true cuts them)")
     if size.note:
         lines.append(size.note)
     return "\n".join(lines)

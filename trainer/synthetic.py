@@ -79,7 +79,3 @@ def _gradients(batch: int, shape: tuple[int, ...], g: torch.Generator) -> Tensor
     base = torch.rand(batch, channels, 1, 1, generator=g) * 1.2 - 0.6
     slope = torch.rand(batch, 2, 1, 1, generator=g) * 0.8 - 0.4
     return (base + slope[:, :1] * ys + slope[:, 1:] * xs).clamp(-1, 1)
-
-
-def batch_to(batch: dict[str, Any], device: str) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
