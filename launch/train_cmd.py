@@ -39,18 +39,14 @@ def load_train_job(config: str, overrides: list[str]) -> Any:
 
 def prepare_run_dir(job: Any, run_dir: Path, *, resume: bool) -> Path:
     """Write RUN_DIR/config.yaml; check a resumed run is compatible (ConfigError if not)."""
-    from trainer.checkpoint import Checkpoints, atomic_write_text, config_differences, read_meta
+    from trainer.checkpoint import Checkpoints, atomic_write_text, read_meta, resume_problem
 
     checkpoints = run_dir / "checkpoints"
     if resume:
         latest = Checkpoints(checkpoints, 0, 1, job.checkpoint.keep_last).find_latest()
-        if latest is not None:
-            diffs = config_differences(read_meta(latest)["config"], config_to_dict(job))
-            if diffs:
-                raise ConfigError(
-                    f"{run_dir} holds checkpoints of an incompatible job; differing fields:\n  " + "\n  ".join(diffs)
-                    + "\n(use another --run-dir, or --no-resume to start over)"
-                )
+        problem = resume_problem(read_meta(latest), config_to_dict(job), latest) if latest is not None else None
+        if problem:
+            raise ConfigError(problem)
     elif checkpoints.exists():
         aside = run_dir / f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
         checkpoints.rename(aside)

@@ -100,3 +100,12 @@ def test_train_refuses_an_incompatible_run_before_starting(tmp_path):
     assert done.returncode == 2
     assert "model.dim: checkpoint 16, config 32" in done.stderr and "--no-resume" in done.stderr
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_resume_refuses_crossing_the_zero3_boundary(tmp_path):
+    from trainer.checkpoint import resume_problem
+
+    meta = {"config": TINY_PRIOR, "zero_stage": 2}
+    assert resume_problem(meta, merged(TINY_PRIOR, deepspeed={"zero_stage": 1}), tmp_path) is None
+    problem = resume_problem(meta, merged(TINY_PRIOR, deepspeed={"zero_stage": 3}), tmp_path)
+    assert "written with ZeRO 2" in problem and "under ZeRO 3" in problem

@@ -126,6 +126,24 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], sections=
     return out
 
 
+def resume_problem(meta: dict[str, Any], config: dict[str, Any], step_dir: Path) -> Optional[str]:
+    """Why the job `config` (a plain dict) cannot resume from this checkpoint, or None."""
+    diffs = config_differences(meta["config"], config)
+    if diffs:
+        return (
+            f"checkpoint {step_dir} was written by an incompatible job; differing fields:\n  " + "\n  ".join(diffs)
+            + "\n(use another run directory, or --no-resume to start over)"
+        )
+    saved, wanted = meta["zero_stage"], config["deepspeed"]["zero_stage"]
+    if (saved == 3) != (wanted == 3):
+        return (
+            f"checkpoint {step_dir} was written with ZeRO {saved}; DeepSpeed cannot load it under ZeRO {wanted} "
+            f"(ZeRO-3 partitions weights differently): keep deepspeed.zero_stage "
+            f"{'3' if saved == 3 else 'at 0, 1 or 2'} to resume this run"
+        )
+    return None
+
+
 class Checkpoints:
     """The checkpoints of one run, as seen by one rank."""
 

@@ -24,7 +24,7 @@ import torch
 from models.config import config_to_dict
 from trainer import distributed as dist
 from trainer import rng
-from trainer.checkpoint import Checkpoints, CheckpointError, config_differences, read_meta, torch_version_info
+from trainer.checkpoint import Checkpoints, CheckpointError, read_meta, resume_problem, torch_version_info
 from trainer.ema import ShardedEMA
 from trainer.engine import build_engine, count_parameters, resolve_precision, set_lr, skipped_steps
 from trainer.faults import Faults
@@ -133,11 +133,20 @@ class Trainer:
         torch.use_deterministic_algorithms(True, warn_only=True)
         resume_dir = self._find_resume() if resume else None
         meta = read_meta(resume_dir) if resume_dir is not None else None
-        universal = meta is not None and meta["world_size"] != self.world_size
+        # DeepSpeed loads its sharded states only into the same layout; for another world size or
+        # ZeRO stage the checkpoint goes through its universal (layout-free) form.
+        universal = meta is not None and (meta["world_size"], meta["zero_stage"]) != (
+            self.world_size, job.deepspeed.zero_stage
+        )
         if meta is not None:
-            self._check_compatible(meta, resume_dir)
+            problem = resume_problem(meta, config_to_dict(job), resume_dir)
+            if problem:
+                raise CheckpointError(problem)
             if universal:
-                self._say(f"world size changed {meta['world_size']} -> {self.world_size}: converting {resume_dir.name} to a universal checkpoint")
+                self._say(
+                    f"world size {meta['world_size']} -> {self.world_size}, ZeRO {meta['zero_stage']} -> "
+                    f"{job.deepspeed.zero_stage}: converting {resume_dir.name} to a universal checkpoint"
+                )
                 self.ckpt.ensure_universal(resume_dir)
 
         rng.seed_everything(job.train.seed)  # identical initial weights on every rank
@@ -166,14 +175,6 @@ class Trainer:
         found = self.ckpt.find_latest() if self.rank == 0 else None
         found = dist.broadcast_object(str(found) if found is not None else None)
         return Path(found) if found is not None else None
-
-    def _check_compatible(self, meta: dict[str, Any], step_dir: Path) -> None:
-        diffs = config_differences(meta["config"], config_to_dict(self.job))
-        if diffs:
-            raise CheckpointError(
-                f"checkpoint {step_dir} was written by an incompatible job; differing fields:\n  " + "\n  ".join(diffs)
-                + "\n(start a new run directory, or pass --no-resume to overwrite this run's checkpoints)"
-            )
 
     def _fit_before_training(self, model: torch.nn.Module) -> None:
         """The autoregressive prior's PCA: fit on rank 0's first batches, broadcast to all."""
