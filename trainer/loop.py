@@ -35,8 +35,6 @@ from trainer.samples import has_samples, keep_for_sampling, write_grid
 from trainer.stages import StageContext, StageModule, get_stage
 from trainer.synthetic import SyntheticLoader
 
-log = logging.getLogger("unclip.train")
-
 
 class TrainingAborted(RuntimeError):
     """The run cannot go on (e.g. only non-finite steps); a checkpoint was written first."""
@@ -235,13 +233,15 @@ class Trainer:
             f"stage {job.stage}: {self.n_params:,} parameters, world size {self.world_size}, ZeRO {job.deepspeed.zero_stage}, "
             f"{resolve_precision(job.deepspeed.precision, self.device)}, steps {self.step} -> {job.train.steps}"
         )
+        resumed_at = self.step
         while self.step < job.train.steps:
             loss, flags = self._train_step()
             self.step += 1
             self.faults.after_step(self.rank, self.step)
             if self._after_step(loss, flags):
                 return 0
-        self.save()
+        if self.step != resumed_at or resumed_at == 0:  # never rewrite the checkpoint we resumed from
+            self.save()
         return 0
 
     def _train_step(self) -> tuple[float, dict[str, float]]:
