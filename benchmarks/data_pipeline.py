@@ -133,6 +133,34 @@ def bench_precompute(images, shards, model: str, device: str, batch: int, worker
     return {"plain": best_plain, "job": best_job, "image_size": size}
 
 
+def _fmt(rate: float) -> str:
+    return f"{rate:.0f}" if rate >= 100 else f"{rate:.2f}"
+
+
+HEADER = """# Data pipeline benchmark results
+
+Written by `benchmarks/data_pipeline.py`; newest first. Ratio = pipeline samples/s divided by
+baseline samples/s; the target is >= 0.9 (under 10% overhead).
+
+- Loader: the baseline is the decode + resize work alone, in one plain loop over the same
+  JPEG bytes held in memory. The loader adds tar streaming, block shuffling, batching and
+  (with workers) inter-process transfer, and gets a second process. Rates are steady-state
+  (the clock starts at the first batch); worker start-up is shown separately. Runs with few
+  images (256) are dominated by noise: read the 4096-image runs.
+- Precompute: the baseline is the CLIP forward alone (`encode_image` + `encode_text`) on
+  batches already decoded and tokenised. The job additionally decodes every JPEG, tokenises
+  and writes fp16 shards. With a real CLIP (ViT-B-32 here) the forward dominates and the
+  overhead disappears (ratio 1.00). With the ~150K-parameter demo CLIP at 32 px, the forward
+  costs less than decoding a 256 px JPEG, so on a 2-core machine the job is bound by
+  decoding (ratio ~0.37): the target holds for real models, not for the toy one, whose whole
+  demo precompute takes seconds anyway.
+- These runs are on a 2-core machine shared with other jobs (load average noted per run);
+  torch is pinned to 1 thread so that oversubscribed OpenMP spinning does not swamp the
+  measurement. No GPU was lent to this task, so no GPU figure is given.
+
+"""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=1024)
@@ -164,7 +192,7 @@ def main() -> None:
         f"| loader in-process (0 workers) | {loader['inproc']:.0f} | raw decode+resize loop: {loader['raw']:.0f} | "
         f"{loader['inproc'] / loader['raw']:.2f} |",
         f"| precompute `{args.model}` ({pre['image_size']} px) on {args.device}, {args.precompute_workers} worker(s) | "
-        f"{pre['job']:.0f} | plain open_clip forward loop: {pre['plain']:.0f} | **{pre['job'] / pre['plain']:.2f}** |",
+        f"{_fmt(pre['job'])} | plain open_clip forward loop: {_fmt(pre['plain'])} | **{pre['job'] / pre['plain']:.2f}** |",
     ]
     text = "\n".join([
         f"### `python benchmarks/data_pipeline.py {' '.join(sys.argv[1:])}`".rstrip(),
@@ -179,7 +207,7 @@ def main() -> None:
         "",
     ])
     print(text)
-    header = "# Data pipeline benchmark results\n\nWritten by `benchmarks/data_pipeline.py`; newest first.\n\n"
+    header = HEADER
     old = open(args.out).read().removeprefix(header) if os.path.exists(args.out) else ""
     with open(args.out, "w") as f:
         f.write(header + text + "\n" + old)
