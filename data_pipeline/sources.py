@@ -26,8 +26,8 @@ from data_pipeline.shards import SIZES_MANIFEST
 from data_pipeline.stats import SkipCounter
 from data_pipeline.tario import RawSample, iter_tar
 
-FIELDS = frozenset({"image", "caption", "tokens", "image_embed", "text_embed", "text_encodings", "key"})
-EMBED_FIELDS = frozenset({"image_embed", "text_embed", "text_encodings"})
+FIELDS = frozenset({"image", "caption", "tokens", "image_embed", "text_embed", "text_encodings", "text_mask", "key"})
+EMBED_FIELDS = frozenset({"image_embed", "text_embed", "text_encodings", "text_mask"})
 
 
 @dataclasses.dataclass

@@ -325,6 +325,8 @@ def build_loader(cfg: DataConfig, *, batch_size: int, rank: int = 0, world_size:
     source (or a clip-retrieval source). `state`: a previous `loader.state_dict()`.
     """
     want = frozenset(want) | {"key"}
+    if "text_mask" in want:  # the mask comes with the encodings it masks
+        want = want | {"text_encodings"}
     if "tokens" in want and tokenizer is None:
         raise ValueError("build_loader: 'tokens' wanted but no tokenizer given")
     if tokenizer is not None:

@@ -55,7 +55,7 @@ def test_decoder_stream_joins_images_and_embeddings_by_key(clip, dataset):
     root, shards = dataset
     data = DataConfig(sources=[SourceConfig(shards=shards, embeddings=str(root / "emb"))], resampled=False,
                       shuffle_buffer=5, num_workers=0, image_size=32)
-    loader = build_loader(data, batch_size=4, want={"image", "image_embed", "text_embed", "text_encodings", "tokens"},
+    loader = build_loader(data, batch_size=4, want={"image", "image_embed", "text_embed", "text_mask", "tokens"},
                           tokenizer=clip.tokenize)
     truth, seen = stored(root), []
     for batch in loader:
