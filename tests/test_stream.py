@@ -326,3 +326,16 @@ def test_credentials_are_masked_in_urls_and_logs(http_root, caplog):
 
 def test_fsspec_memory_filesystem_is_clean_between_tests():
     fsspec.filesystem("memory").rm("/streamtest", recursive=True)
+
+
+def test_position_saved_right_at_the_end_of_an_epoch_resumes_into_the_next(tmp_path):
+    shards = make_shapes(str(tmp_path), count=36)
+    cfg = config(shards, resampled=False, shuffle_buffer=6)
+    first = build_loader(cfg, batch_size=4, want={"caption"})
+    it = iter(first)
+    epoch0 = [k for _ in range(9) for k in next(it)["key"]]  # all 36, iterator not yet exhausted
+    assert sorted(epoch0) == sorted(shapes.make_key(0, i) for i in range(36))
+    resumed = build_loader(cfg, batch_size=4, want={"caption"}, state=first.state_dict())
+    epoch1 = keys_of(resumed)
+    assert sorted(epoch1) == sorted(epoch0) and epoch1 != epoch0  # a whole new epoch, reshuffled
+    assert sorted(keys_of(resumed)) == sorted(epoch0)  # and the one after
