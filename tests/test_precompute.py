@@ -154,3 +154,42 @@ def test_world_info_from_arguments_and_environment(monkeypatch):
         world_info(rank=1)
     with pytest.raises(ValueError, match="not in"):
         world_info(5, 2)
+
+
+KILL_SCRIPT = """
+import sys, time
+from data_pipeline.config import PrecomputeConfig
+from data_pipeline.precompute import run_precompute
+from models.clip import ClipConfig
+cfg = PrecomputeConfig(clip=ClipConfig(name="unclip-tiny"), batch_size=3, num_workers=0, text_encodings=True,
+                       device="cpu")
+def slow(n):
+    print("batch", n, flush=True)
+    time.sleep(0.3)
+run_precompute(cfg, shards=sys.argv[1].split(","), out=sys.argv[2], progress=False, on_batch=slow)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_restart_equals_uninterrupted(clip, shards, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
+    script = tmp_path / "job.py"
+    script.write_text("import torch\ntorch.manual_seed(0)\n" + KILL_SCRIPT)  # same random CLIP as below
+    proc = subprocess.Popen([sys.executable, str(script), ",".join(shards), killed], stdout=subprocess.PIPE,
+                            text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for line in proc.stdout:
+        if line.strip() == "batch 3":  # inside the second shard
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    left = sorted(os.listdir(killed))
+    assert "shard-000000.tar" in left and "shard-000003.tar" not in left and "_SUCCESS" not in left
+    torch.manual_seed(0)
+    run_precompute(cfg(), shards=shards, out=killed, clip=load_clip("unclip-tiny"), progress=False)
+    torch.manual_seed(0)
+    run_precompute(cfg(), shards=shards, out=clean, clip=load_clip("unclip-tiny"), progress=False)
+    assert outputs(killed) == outputs(clean)
