@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
+from launch.cli import main
 from launch.launchers import free_port, read_hostfile
 from trainer.distributed import world_info_from_env
-from trainer_helpers import TINY_PRIOR, env_for_tests, explain, latest_step, merged, unclip, write_job
+from trainer_helpers import TINY_PRIOR, env_for_tests, latest_step, merged, write_job
 
 
 @pytest.mark.slow
@@ -42,14 +43,20 @@ def test_two_simulated_nodes_under_torchrun_train_and_checkpoint(tmp_path):
     assert meta["world_size"] == 2 and meta["complete"]
 
 
-def test_slurm_script_content(tmp_path):
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`unclip ARGS` in this process (the dry runs start nothing): (exit code, stdout, stderr)."""
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_slurm_script_content(tmp_path, capsys):
     config = write_job(tmp_path / "prior.yaml", TINY_PRIOR)
-    done = unclip(
-        "launch", "--config", str(config), "--slurm", "--nnodes", "4", "--gpus-per-node", "8", "--time", "12:00:00",
+    code, script, err = cli(
+        capsys, "launch", "--config", str(config), "--slurm", "--nnodes", "4", "--gpus-per-node", "8", "--time", "12:00:00",
         "--partition", "gpu", "--run-dir", str(tmp_path / "run"), "--dry-run",
     )
-    assert done.returncode == 0, explain(done)
-    script = done.stdout
+    assert code == 0, err
     for line in (
         "#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=1", "#SBATCH --time=12:00:00",
         "#SBATCH --partition=gpu", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@",
@@ -67,38 +74,39 @@ def test_slurm_script_content(tmp_path):
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
 
 
-def test_slurm_writes_the_script_into_the_run(tmp_path):
+def test_slurm_writes_the_script_into_the_run(tmp_path, capsys, monkeypatch):
     config = write_job(tmp_path / "prior.yaml", TINY_PRIOR)
-    done = unclip("launch", "--config", str(config), "--slurm", "--nnodes", "2", "--run-dir", str(tmp_path / "run"),
-                  env={"PATH": "/usr/bin:/bin"})
-    assert done.returncode == 0, explain(done)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here: write the script, do not submit
+    code, out, err = cli(capsys, "launch", "--config", str(config), "--slurm", "--nnodes", "2", "--run-dir", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "sbatch is not on PATH" in out
     script = (tmp_path / "run" / "launch" / "train.sbatch").read_text()
     assert "#SBATCH --nodes=2" in script and (tmp_path / "run" / "config.yaml").is_file()
 
 
-def test_hostfile_command_and_validation(tmp_path):
+def test_hostfile_command_and_validation(tmp_path, capsys):
     config = write_job(tmp_path / "prior.yaml", TINY_PRIOR)
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node-a slots=8\n# a comment\nnode-b slots=8\n")
     assert read_hostfile(hostfile) == [("node-a", 8), ("node-b", 8)]
-    done = unclip("launch", "--config", str(config), "--hostfile", str(hostfile), "--dry-run", "--run-dir", str(tmp_path / "r"))
-    assert done.returncode == 0, explain(done)
-    assert done.stdout.startswith("deepspeed ") and f"--hostfile={hostfile}" in done.stdout
-    assert "--module launch.worker" in done.stdout and "--no_local_rank" in done.stdout
+    code, out, err = cli(capsys, "launch", "--config", str(config), "--hostfile", str(hostfile), "--dry-run", "--run-dir", str(tmp_path / "r"))
+    assert code == 0, err
+    assert out.startswith("deepspeed ") and f"--hostfile={hostfile}" in out
+    assert "--module launch.worker" in out and "--no_local_rank" in out
     hostfile.write_text("node-a 8\n")
-    bad = unclip("launch", "--config", str(config), "--hostfile", str(hostfile), "--dry-run")
-    assert bad.returncode == 2 and "expected 'HOST slots=N'" in bad.stderr
+    code, out, err = cli(capsys, "launch", "--config", str(config), "--hostfile", str(hostfile), "--dry-run")
+    assert code == 2 and "expected 'HOST slots=N'" in err
 
 
-def test_memory_plan_orders_zero_stages(tmp_path):
+def test_memory_plan_orders_zero_stages(tmp_path, capsys):
     config = write_job(tmp_path / "prior.yaml", merged(TINY_PRIOR, deepspeed={"precision": "bf16"}))
-    done = unclip("launch", "--config", str(config), "--plan", "--gpus", "16", "--gpus-per-node", "8")
-    assert done.returncode == 0, explain(done)
-    rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit() and len(line.split()) >= 7]
+    code, out, err = cli(capsys, "launch", "--config", str(config), "--plan", "--gpus", "16", "--gpus-per-node", "8")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and len(line.split()) >= 7]
     assert [r[0] for r in rows] == ["0", "1", "2", "3"]
     totals = [float(r[6]) for r in rows]
     assert totals == sorted(totals, reverse=True)
-    assert "16 GPU(s) on 2 node(s)" in done.stdout
+    assert "16 GPU(s) on 2 node(s)" in out
 
 
 def test_memory_plan_numbers():

@@ -216,7 +216,7 @@ def test_export_loads_without_deepspeed(prior_run, tmp_path):
 
 
 def test_a_hung_rank_ends_the_job_after_the_collective_timeout(tmp_path):
-    job = merged(TINY_PRIOR, train={**TINY_PRIOR["train"], "steps": 20}, deepspeed={"zero_stage": 2, "timeout_s": 8})
+    job = merged(TINY_PRIOR, train={**TINY_PRIOR["train"], "steps": 20}, deepspeed={"zero_stage": 2, "timeout_s": 5})
     config = write_job(tmp_path / "prior.yaml", job)
     started = time.monotonic()
     done = train(config, tmp_path / "run", env={"UNCLIP_FAULT_HANG": "1@3"})
