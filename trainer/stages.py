@@ -9,12 +9,14 @@ gathering hooks) sees one ordinary module call per micro-batch.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 Batch = dict[str, Any]
+log = logging.getLogger("unclip.train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,9 @@ def _text_cond(batch: Batch, use: bool) -> dict[str, Optional[Tensor]]:
 # ---------------------------------------------------------------- prior
 def _build_prior(job: Any) -> nn.Module:
     from models.prior import ARPrior, DiffusionPrior
+
+    if job.deepspeed.activation_checkpointing:
+        log.warning("deepspeed.activation_checkpointing: the priors have no checkpointed blocks; training without it")
 
     return ARPrior(job.model) if job.model.kind == "autoregressive" else DiffusionPrior(job.model)
 
@@ -147,7 +152,10 @@ def _build_clip(job: Any) -> nn.Module:
 
     import models.clip  # noqa: F401  (registers the tiny architectures)
 
-    return open_clip.create_model(job.model.name, pretrained=None)
+    model = open_clip.create_model(job.model.name, pretrained=None)
+    if job.deepspeed.activation_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
 
 
 def clip_normalize(model: nn.Module, images: Tensor) -> Tensor:
