@@ -65,10 +65,8 @@ def run_local(worker: Sequence[str], nproc: int, *, grace_s: float = 5.0, env: O
         subprocess.Popen([sys.executable, *WORKER, *worker], env=rank_env(base, rank=r, world_size=nproc, port=port))
         for r in range(nproc)
     ]
-    forwarded: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
-        forwarded.append(signum)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
