@@ -172,11 +172,13 @@ def run_precompute(
     clip: Optional[ClipAdapter] = None,
     progress: bool = True,
     on_batch: Optional[Callable[[int], None]] = None,
+    on_progress: Optional[Callable[[int, int, dict[str, int]], None]] = None,
 ) -> PrecomputeSummary:
     """Embed this rank's share of the shards (`shards`/`out` override the config's).
 
     `clip`: an already loaded adapter (else built from cfg.clip). `on_batch(n)` is called
-    after the n-th batch is written (tests use it to interrupt the job).
+    after the n-th batch is written (tests use it to interrupt the job); `on_progress(samples,
+    shards, skipped)` with this rank's running totals after every batch and shard (metrics).
     """
     start = time.perf_counter()
     urls = expand_urls(shards if shards is not None else cfg.shards)
@@ -200,7 +202,7 @@ def run_precompute(
     _remove_stale_temporaries(out, {url_basename(u) for u in todo})
     skips, samples, written = SkipCounter(), 0, 0
     if todo:
-        samples, written = _embed_shards(cfg, clip, todo, out, skips, progress and rank == 0, on_batch)
+        samples, written = _embed_shards(cfg, clip, todo, out, skips, progress and rank == 0, on_batch, on_progress)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         if rank == 0:
@@ -214,7 +216,8 @@ def run_precompute(
 
 
 def _embed_shards(cfg: PrecomputeConfig, clip: ClipAdapter, todo: list[str], out: str, skips: SkipCounter,
-                  progress: bool, on_batch: Optional[Callable[[int], None]]) -> tuple[int, int]:
+                  progress: bool, on_batch: Optional[Callable[[int], None]],
+                  on_progress: Optional[Callable[[int, int, dict[str, int]], None]] = None) -> tuple[int, int]:
     from tqdm import tqdm
 
     tokenize = functools.partial(clip.tokenizer, context_length=clip.context_length)
@@ -235,12 +238,16 @@ def _embed_shards(cfg: PrecomputeConfig, clip: ClipAdapter, todo: list[str], out
                 _finish_shard(writers.pop(shard), item["skipped"], skips)
                 written += 1
                 bar.update(1)
+                if on_progress is not None:
+                    on_progress(samples, written, skips.as_dict())
                 continue
             _write_batch(writer, clip, item, cfg.text_encodings)
             samples += len(item["key"])
             batches += 1
             elapsed = bar.format_dict["elapsed"] or 1e-9
             bar.set_postfix(samples=samples, rate=f"{samples / elapsed:.1f}/s", refresh=False)
+            if on_progress is not None:
+                on_progress(samples, written, skips.as_dict())
             if on_batch is not None:
                 on_batch(batches)
     finally:

@@ -52,8 +52,12 @@ def _describe(code: int) -> str:
     return f"exit code {code}"
 
 
-def run_local(worker: Sequence[str], nproc: int, *, grace_s: float = 5.0, env: Optional[dict[str, str]] = None) -> int:
-    """Run `nproc` ranks of `python -m launch.worker <worker>` here; their combined exit code.
+def run_local(
+    worker: Sequence[str], nproc: int, *, grace_s: float = 5.0, env: Optional[dict[str, str]] = None,
+    module: Sequence[str] = WORKER,
+) -> int:
+    """Run `nproc` ranks of `python <module> <worker>` (the training worker by default) here,
+    each with torchrun's RANK/WORLD_SIZE/MASTER_* variables; their combined exit code.
 
     The first rank to fail decides the result: the others get SIGTERM and SIGKILL after
     `grace_s` seconds (a short wait: with a peer gone they cannot save anything). A SIGTERM or
@@ -62,7 +66,7 @@ def run_local(worker: Sequence[str], nproc: int, *, grace_s: float = 5.0, env: O
     base = dict(os.environ if env is None else env)
     port = free_port()
     procs = [
-        subprocess.Popen([sys.executable, *WORKER, *worker], env=rank_env(base, rank=r, world_size=nproc, port=port))
+        subprocess.Popen([sys.executable, *module, *worker], env=rank_env(base, rank=r, world_size=nproc, port=port))
         for r in range(nproc)
     ]
 

@@ -193,14 +193,18 @@ def _resolve_pretrained(name: str, pretrained: Optional[str]) -> Optional[str]:
 def load_clip(name: str, pretrained: Optional[str] = None, device: Union[str, torch.device] = "cpu") -> ClipAdapter:
     """Build open_clip architecture `name`, frozen and in eval mode.
 
-    `pretrained`: None (random init, works offline), an open_clip pretrained tag (needs the
+    `pretrained`: None (random init, seeded so that every process builds the same model), an open_clip pretrained tag (needs the
     hub or its cache), or a local .pt/.pth/.bin/.safetensors file (loaded with
     weights_only=True).
     """
     if name not in open_clip.list_models():
         raise ValueError(f"clip.name: unknown open_clip architecture {name!r} (e.g. ViT-B-32, unclip-tiny)")
     pretrained = _resolve_pretrained(name, pretrained)
-    model = open_clip.create_model(name, pretrained=pretrained, device=device, weights_only=True, pretrained_text=False)
+    # Random weights are seeded: every rank of a job (and every restart) must embed with the
+    # same frozen model, and the caller's RNG stream must not move.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.create_model(name, pretrained=pretrained, device=device, weights_only=True, pretrained_text=False)
     tokenizer = open_clip.get_tokenizer(name)
     return ClipAdapter(model, tokenizer, name=name).to(device)
 
