@@ -1,0 +1,210 @@
+"""`unclip demo`: the whole pipeline on the embedded shapes data, each stage its own job.
+
+    shards -> train CLIP -> precompute embeddings -> train prior -> train decoder
+           -> train upsampler 1 -> train upsampler 2 -> sample + report
+
+Every stage runs as a separate `unclip` process with the same configs and launcher a cluster
+user would use (2 local ranks, DeepSpeed on CPU), so the demo exercises the real system.
+A stage whose output already exists is skipped, so re-running resumes; training stages also
+resume from their own checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from launch.cli import EXIT_OK, EXIT_RUNTIME
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "demo"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Sizes of one demo run: samples in the data set and optimizer steps per stage."""
+
+    samples: int
+    image_size: int
+    steps: dict[str, int]
+    eval_prompts: int
+    nproc: int = 2
+
+
+PRESETS = {
+    "full": Preset(samples=8000, image_size=64, eval_prompts=64,
+                   steps={"clip": 600, "prior": 1500, "decoder": 2500, "upsampler1": 800, "upsampler2": 600}),
+    "quick": Preset(samples=512, image_size=64, eval_prompts=8,
+                    steps={"clip": 30, "prior": 30, "decoder": 30, "upsampler1": 10, "upsampler2": 10}),
+}
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    done: Callable[[], bool]
+    argv: Callable[[], list[str]]
+    expected_s: float  # typical duration on 2 CPU cores, for the ETA
+    progress_file: Optional[Path] = None  # metrics.jsonl of a training stage
+    total_steps: int = 0
+
+
+def _unclip(*args: str) -> list[str]:
+    return [sys.executable, "-m", "launch", *args]
+
+
+def _shard_pattern(shards: Path) -> str:
+    sizes = json.loads((shards / "sizes.json").read_text())
+    return str(shards / ("shard-{000000..%06d}.tar" % (len(sizes) - 1)))
+
+
+class Demo:
+    def __init__(self, root: Path, preset: Preset) -> None:
+        self.root, self.preset = root, preset
+        self.data = root / "data" / "shapes"
+        self.embeddings = root / "embeddings"
+        self.weights = root / "weights"
+        self.runs = root / "runs"
+        self.logs = root / "logs"
+
+    def weight(self, stage: str) -> Path:
+        return self.weights / f"{stage}.safetensors"
+
+    def _data(self, embeddings: Optional[Path] = None) -> str:
+        """`--set` value pointing a job at the demo shards (and their embeddings)."""
+        source = {"shards": _shard_pattern(self.data)}
+        if embeddings is not None:
+            source["embeddings"] = str(embeddings)
+        return "data.sources=" + json.dumps([source])
+
+    def _trained(self, stage: str, config: str, sets: Callable[[], list[str]]) -> list[Stage]:
+        """Train `stage` with its demo config, then export its EMA weights."""
+        run_dir, steps = self.runs / stage, self.preset.steps[stage]
+
+        def train_argv() -> list[str]:
+            overrides = [f"train.steps={steps}", *sets()]
+            return _unclip("train", "--config", str(CONFIGS / config), "--run-dir", str(run_dir),
+                           "--nproc", str(self.preset.nproc), *[a for o in overrides for a in ("--set", o)])
+
+        done = lambda: self.weight(stage).exists()  # noqa: E731
+        return [
+            Stage(stage, done, train_argv, 30 + steps * 0.1, run_dir / "metrics.jsonl", steps),
+            Stage(f"export {stage}", done, lambda: _unclip("export", str(run_dir), "--out", str(self.weight(stage))), 5),
+        ]
+
+    def stages(self) -> list[Stage]:
+        p = self.preset
+        clip = lambda: f"clip.pretrained={self.weight('clip')}"  # noqa: E731
+        shards = Stage("shards", lambda: (self.data / "sizes.json").exists(), lambda: _unclip(
+            "shards", "--source", "shapes", "--out", str(self.data), "--count", str(p.samples),
+            "--size", str(p.image_size), "--per-shard", str(max(64, p.samples // 8)), "--seed", "0"), 10)
+        precompute = Stage("precompute", lambda: (self.embeddings / "_SUCCESS").exists(), lambda: _unclip(
+            "precompute", "--config", str(CONFIGS / "precompute.yaml"), "--shards", _shard_pattern(self.data),
+            "--out", str(self.embeddings), "--nproc", str(p.nproc), "--set", clip()), 20)
+        return [
+            shards,
+            *self._trained("clip", "clip.yaml", lambda: [self._data()]),
+            precompute,
+            *self._trained("prior", "prior.yaml", lambda: [self._data(self.embeddings), clip()]),
+            *self._trained("decoder", "decoder.yaml", lambda: [self._data(self.embeddings), clip()]),
+            *self._trained("upsampler1", "upsampler1.yaml", lambda: [self._data()]),
+            *self._trained("upsampler2", "upsampler2.yaml", lambda: [self._data()]),
+        ]
+
+    def run(self) -> int:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        stages = self.stages()
+        start = time.monotonic()
+        remaining = sum(s.expected_s for s in stages)
+        for i, stage in enumerate(stages, 1):
+            head = f"[{i}/{len(stages)}] {stage.name}"
+            if stage.done():
+                print(f"{head}: done already, skipped", flush=True)
+                remaining -= stage.expected_s
+                continue
+            print(f"{head}: running (about {_fmt(remaining)} left in the demo)", flush=True)
+            t0 = time.monotonic()
+            rc = self._run_stage(stage, head)
+            if rc != 0:
+                log = self.logs / f"{_slug(stage.name)}.log"
+                print(f"{head}: FAILED (exit {rc}); its log: {log}", file=sys.stderr)
+                _tail(log)
+                return EXIT_RUNTIME
+            remaining -= stage.expected_s
+            print(f"{head}: finished in {_fmt(time.monotonic() - t0)}", flush=True)
+        from launch.demo_report import write_samples_and_report
+
+        samples, report = write_samples_and_report(self, self.preset)
+        print(f"demo finished in {_fmt(time.monotonic() - start)}")
+        print(f"samples: {samples}")
+        print(f"report:  {report}")
+        return EXIT_OK
+
+    def _run_stage(self, stage: Stage, head: str) -> int:
+        log = self.logs / f"{_slug(stage.name)}.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(log, "w") as out:
+            proc = subprocess.Popen(stage.argv(), stdout=out, stderr=subprocess.STDOUT, env=env)
+            stop = threading.Event()
+            watcher = threading.Thread(target=_watch_progress, args=(stage, head, stop, time.monotonic()), daemon=True)
+            watcher.start()
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                proc.terminate()  # training stages checkpoint on SIGTERM: re-running resumes
+                proc.wait()
+                raise
+            finally:
+                stop.set()
+                watcher.join()
+
+
+def _watch_progress(stage: Stage, head: str, stop: threading.Event, t0: float) -> None:
+    """Print `step/steps` of a training stage every 15 s, with the stage's ETA."""
+    if stage.progress_file is None:
+        return
+    while not stop.wait(15):
+        step = _last_step(stage.progress_file)
+        if step:
+            elapsed = time.monotonic() - t0
+            eta = elapsed / step * max(stage.total_steps - step, 0)
+            print(f"{head}: step {step}/{stage.total_steps} ({100 * step // stage.total_steps}%), "
+                  f"ETA {_fmt(eta)}", flush=True)
+
+
+def _last_step(path: Path) -> int:
+    try:
+        lines = path.read_text().strip().splitlines()
+        return int(json.loads(lines[-1]).get("step", 0)) if lines else 0
+    except (OSError, ValueError):
+        return 0
+
+
+def _tail(path: Path, lines: int = 20) -> None:
+    try:
+        text = path.read_text().splitlines()[-lines:]
+    except OSError:
+        return
+    for line in text:
+        print(f"    {line}", file=sys.stderr)
+
+
+def _slug(name: str) -> str:
+    return name.replace(" ", "_")
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def main(args: argparse.Namespace) -> int:
+    preset = PRESETS["quick" if args.quick else "full"]
+    return Demo(Path(args.out).resolve(), preset).run()
