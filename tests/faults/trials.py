@@ -19,6 +19,7 @@ Prints one line per trial and a JSON summary at the end.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import sys
@@ -34,6 +35,7 @@ from safetensors.torch import load_file  # noqa: E402
 from trainer_helpers import TINY_PRIOR, explain, latest_step, merged, train, write_job  # noqa: E402
 
 STEPS, EVERY = 20, 5
+TRIAL = itertools.count()  # run directories are unique even when two trials draw the same fault
 
 
 def fp32(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
@@ -65,7 +67,7 @@ def resumed_step(stdout: str) -> int:
 
 def kill_trial(config: Path, reference: Path, root: Path, rng: random.Random) -> dict:
     rank, step = rng.randrange(2), rng.randrange(1, STEPS)
-    run_dir = root / f"kill_{rank}_{step}"
+    run_dir = root / f"kill{next(TRIAL)}_rank{rank}_step{step}"
     started = time.monotonic()
     crashed = train(config, run_dir, env={"UNCLIP_FAULT_KILL": f"{rank}@{step}"})
     crash_s = time.monotonic() - started
@@ -85,7 +87,7 @@ def kill_trial(config: Path, reference: Path, root: Path, rng: random.Random) ->
 
 def kill_in_save_trial(config: Path, reference: Path, root: Path, rng: random.Random) -> dict:
     step = rng.choice(range(EVERY, STEPS, EVERY))  # the periodic saves (the final one is at STEPS)
-    run_dir = root / f"save_{step}"
+    run_dir = root / f"save{next(TRIAL)}_step{step}"
     crashed = train(config, run_dir, env={"UNCLIP_FAULT_KILL_IN_SAVE": str(step)})
     partial = run_dir / "checkpoints" / f"step_{step:07d}"
     latest = latest_step(run_dir) if (run_dir / "checkpoints" / "latest").exists() else 0
