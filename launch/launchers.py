@@ -87,15 +87,30 @@ def run_local(
 def _supervise(procs: list[subprocess.Popen], grace_s: float) -> int:
     while True:
         codes = [p.poll() for p in procs]
-        failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-        if failed:
-            rank, code = failed[0]
-            print(f"[unclip launch] rank {rank} failed ({_describe(code)}); stopping the other ranks", file=sys.stderr, flush=True)
+        if any(c not in (None, 0) for c in codes):
+            _report_failures(procs)
             _stop(procs, grace_s)
             return 1
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.1)
+
+
+def _report_failures(procs: list[subprocess.Popen], settle_s: float = 1.0) -> None:
+    """Name the failed ranks, the root cause first.
+
+    When one rank dies, its peers fail on their next collective within moments, and a
+    process killed by a signal can take longer to be reaped than a peer takes to exit: so
+    wait briefly, then list ranks killed by a signal before ranks that exited with an error.
+    """
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode not in (None, 0)]
+    failed.sort(key=lambda item: (item[1] >= 0, item[0]))  # signals (negative codes) first
+    for rank, code in failed:
+        print(f"[unclip launch] rank {rank} failed ({_describe(code)}); stopping the other ranks",
+              file=sys.stderr, flush=True)
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
