@@ -13,6 +13,9 @@ from typing import IO, Iterator, Optional
 
 BLOCK = 512
 REGULAR, DIRECTORY, OTHER = "file", "dir", "other"
+# GNU long names and pax records are read whole; real ones are a few hundred bytes, so a
+# larger one is a hostile archive, refused before it is read into memory.
+MAX_EXTENSION_BYTES = 1 << 20
 
 
 class TarFormatError(ValueError):
@@ -93,9 +96,13 @@ class TarStream:
                 return
             self._check_sum(header)
             size = _number(header[124:136])
+            if size < 0:
+                raise TarFormatError(f"negative member size {size}")
             typeflag = header[156:157]
             self._size, self._remaining = size, -(-size // BLOCK) * BLOCK
             if typeflag in (b"L", b"x", b"g", b"K"):
+                if size > MAX_EXTENSION_BYTES:
+                    raise TarFormatError(f"extension header of {size} bytes (limit {MAX_EXTENSION_BYTES})")
                 data = self.read()
                 if typeflag == b"L":
                     long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -108,7 +115,7 @@ class TarStream:
                 name = f"{prefix}/{name}" if prefix else name
             name = pax.get("path", long_name or name)
             if "size" in pax:
-                self._size = int(pax["size"])
+                self._size = _pax_size(pax["size"])
                 self._remaining = -(-self._size // BLOCK) * BLOCK
             long_name, pax = None, {}
             kind = REGULAR if typeflag in (b"0", b"\0", b"7", b"") else DIRECTORY if typeflag == b"5" else OTHER
@@ -120,6 +127,16 @@ class TarStream:
         stored = _number(header[148:156])
         if stored != sum(header[:148]) + 256 + sum(header[156:]):
             raise TarFormatError("header checksum mismatch (not a tar, or corrupt)")
+
+
+def _pax_size(text: str) -> int:
+    try:
+        size = int(text)
+    except ValueError:
+        raise TarFormatError(f"bad pax size {text[:32]!r}") from None
+    if size < 0:
+        raise TarFormatError(f"negative pax size {size}")
+    return size
 
 
 def _parse_pax(data: bytes) -> dict[str, str]:

@@ -212,12 +212,18 @@ class Checkpoints:
             shutil.rmtree(step_dir)
         dist.barrier()
         self._check_writable(step_dir)
-        engine.save_checkpoint(str(self.root), tag=step_dir.name, save_latest=False)
-        save_file({k: v.contiguous() for k, v in rank_tensors.items()}, step_dir / rank_file(self.rank, "safetensors"))
-        (step_dir / rank_file(self.rank, "json")).write_text(json.dumps(rank_state))
-        if self.rank == 0:
-            save_file({k: v.contiguous().cpu() for k, v in buffers.items()}, step_dir / "buffers.safetensors")
-        _fsync_dir_files(step_dir, self.rank)
+        try:
+            engine.save_checkpoint(str(self.root), tag=step_dir.name, save_latest=False)
+            save_file({k: v.contiguous() for k, v in rank_tensors.items()}, step_dir / rank_file(self.rank, "safetensors"))
+            (step_dir / rank_file(self.rank, "json")).write_text(json.dumps(rank_state))
+            if self.rank == 0:
+                save_file({k: v.contiguous().cpu() for k, v in buffers.items()}, step_dir / "buffers.safetensors")
+            _fsync_dir_files(step_dir, self.rank)
+        except OSError as err:  # a full disk or a lost mount: `latest` was not moved
+            raise CheckpointError(
+                f"cannot write checkpoint {step_dir}: rank {self.rank}: {err.strerror or err}; "
+                "the previous checkpoint is intact"
+            ) from err
         if on_written is not None:
             on_written()
         dist.barrier()  # every rank's files (DeepSpeed's included) are on disk

@@ -197,9 +197,6 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, caplog):
     assert ckpts.find_latest().name == "step_0000010"
 
 
-@pytest.mark.xfail(strict=True, reason="Checkpoints.save lets the OSError of a failed write escape raw; the worker "
-                                       "only turns CheckpointError into a one-line message, so a full disk ends "
-                                       "the job with a traceback from inside torch.save")
 def test_disk_full_during_save_is_a_clear_checkpoint_error(tmp_path):
     _, _, err = _full_disk_save(tmp_path)
     assert isinstance(err, CheckpointError)
