@@ -27,7 +27,7 @@ HELD_OUT_SEED = 10_000  # training shards use seed 0
 def held_out_prompts(count: int, size: int) -> tuple[list[str], list[shapes.ShapeAttributes], torch.Tensor]:
     """Captions, attributes and real images `[count, 3, size, size]` in [-1, 1] of held-out samples."""
     samples = list(shapes.generate(count, size=size, seed=HELD_OUT_SEED))
-    real = torch.stack([torch.from_numpy(np.asarray(s[1])).permute(2, 0, 1) for s in samples])
+    real = torch.stack([torch.from_numpy(np.array(s[1])).permute(2, 0, 1) for s in samples])
     return [s[2] for s in samples], [s[3] for s in samples], real.float() / 127.5 - 1
 
 
