@@ -324,8 +324,13 @@ def test_credentials_are_masked_in_urls_and_logs(http_root, caplog):
     assert loader.skipped == {"undecodable_image": 1} and "bad" in caplog.text and "hunter2" not in caplog.text
 
 
-def test_fsspec_memory_filesystem_is_clean_between_tests():
-    fsspec.filesystem("memory").rm("/streamtest", recursive=True)
+@pytest.fixture(autouse=True, scope="module")
+def _clean_memory_filesystem():
+    """fsspec's memory filesystem is process-global: leave nothing for other test modules."""
+    yield
+    fs = fsspec.filesystem("memory")
+    if fs.exists("/streamtest"):
+        fs.rm("/streamtest", recursive=True)
 
 
 def test_position_saved_right_at_the_end_of_an_epoch_resumes_into_the_next(tmp_path):
