@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import yaml
 
 from data_pipeline.config import PrecomputeConfig
-from models.config import ConfigError, build_config, config_to_dict
+from models.config import ConfigError, build_config, config_to_dict, deep_merge
 from trainer.config import TRAIN_JOBS
 
 
@@ -67,17 +67,6 @@ def _read(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of keys, got {type(data).__name__}")
     return data
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """`override` wins; nested mappings merge key by key, anything else is replaced."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from models.config import deep_merge
 from trainer.config import TrainJob
 
 
@@ -21,16 +22,6 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision == "auto":
         return "bf16" if device.startswith("cuda") else "fp32"
     return precision
-
-
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 DEFAULT_BUCKET = int(5e8)  # DeepSpeed's default communication bucket, in elements
@@ -70,7 +61,7 @@ def deepspeed_config(
         # exact class, so it must be told that the subclass is fine.
         "zero_allow_untested_optimizer": True,
     }
-    return _deep_merge(config, ds.extra)
+    return deep_merge(config, ds.extra)
 
 
 class GuardedAdamW(torch.optim.AdamW):
