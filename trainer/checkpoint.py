@@ -53,6 +53,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or used; the message says which and why."""
 
 
+# What a refused load leaves behind: said in every such error, since the user's next step
+# (delete the checkpoint? restore it?) depends on it.
+_UNTOUCHED = (
+    "nothing in it was unpickled, and every checkpoint is left as it is "
+    "(restore that file, or move the checkpoint away to resume from an older one)"
+)
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
@@ -260,10 +268,16 @@ class Checkpoints:
         return plain, load_file(step_dir / rank_file(rank, "safetensors"))
 
     def load_engine(self, engine: Any, step_dir: Path, *, universal: bool) -> None:
+        from trainer.safe_load import UnsafeFileError, weights_only_loads
+
         root = self.root / "universal" if universal else self.root
-        path, _ = engine.load_checkpoint(
-            str(root), tag=step_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        try:
+            with weights_only_loads():  # DeepSpeed would unpickle whatever its shard files hold
+                path, _ = engine.load_checkpoint(
+                    str(root), tag=step_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
+                )
+        except UnsafeFileError as err:
+            raise CheckpointError(f"cannot resume from {step_dir}: {err}; {_UNTOUCHED}") from None
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {root / step_dir.name}")
 
@@ -280,16 +294,25 @@ class Checkpoints:
 
 def convert_to_universal(step_dir: Path, out: Path) -> str:
     """Run DeepSpeed's `ds_to_universal` on `step_dir` into `out`; '' on success, else why not."""
+    from trainer.safe_load import REFUSED
+
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # DeepSpeed's converter, with every load weights-only (it reads every shard of step_dir)
     cmd = [
-        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        sys.executable, "-m", "trainer.safe_load", "ds_to_universal",
         "--input_folder", str(step_dir), "--output_folder", str(out),
         "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the converter runs this very copy of `trainer`, wherever the job was started from
+    here = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode == REFUSED:
+        refused = done.stderr.strip().splitlines()[-1].removeprefix("refused: ")
+        return f"cannot convert {step_dir} to a universal checkpoint: {refused}; {_UNTOUCHED}"
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
         return f"converting {step_dir} to a universal checkpoint failed:\n{tail}"

@@ -103,6 +103,8 @@ def build_engine(model: nn.Module, job: TrainJob, world_size: int, device: str, 
     """Wrap `model` in a DeepSpeed engine with AdamW; return (engine, the DeepSpeed JSON)."""
     import deepspeed
 
+    from trainer import safe_load
+
     n_params = count_parameters(model.parameters())
     config = deepspeed_config(job, world_size, device, n_params=n_params, load_universal=load_universal)
     optim = job.optim
@@ -110,6 +112,8 @@ def build_engine(model: nn.Module, job: TrainJob, world_size: int, device: str, 
         param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    # DeepSpeed's own engine unpickles checkpoint files (weights_only=False)
+    safe_load.install(engine)
     return engine, config
 
 

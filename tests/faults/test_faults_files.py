@@ -119,6 +119,39 @@ def test_no_unsafe_deserialisation_in_the_code():
     assert problems == []
 
 
+# DeepSpeed entry points that read its checkpoint files with torch.load(weights_only=False)
+_DEEPSPEED_READERS = ("load_checkpoint", "get_fp32_state_dict_from_zero_checkpoint",
+                      "load_state_dict_from_zero_checkpoint", "convert_zero_checkpoint_to_fp32_state_dict")
+
+
+def test_deepspeed_checkpoint_reads_in_the_code_are_weights_only():
+    """Every call of a DeepSpeed checkpoint reader sits inside `with weights_only_loads()`, and
+    DeepSpeed's converter is only ever run through trainer/safe_load.py."""
+    problems, calls = [], 0
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            where = path.relative_to(ROOT)
+            tree = ast.parse(path.read_text(), str(path))
+            guarded: set[int] = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Constant) and node.value == "deepspeed.checkpoint.ds_to_universal" and (
+                        where != Path("trainer/safe_load.py")):
+                    problems.append(f"{where}:{node.lineno}: runs ds_to_universal itself")
+                if isinstance(node, ast.With) and any(
+                    isinstance(item.context_expr, ast.Call)
+                    and getattr(item.context_expr.func, "id", "") == "weights_only_loads"
+                    for item in node.items
+                ):
+                    guarded.update(id(inner) for inner in ast.walk(node))
+            for node, _, name in _calls(tree):
+                if name in _DEEPSPEED_READERS:
+                    calls += 1
+                    if id(node) not in guarded:
+                        problems.append(f"{where}:{node.lineno}: {name} outside `with weights_only_loads()`")
+    assert calls >= 1  # Checkpoints.load_engine: the scan sees the call it guards
+    assert problems == []
+
+
 def test_exported_weights_load_through_safetensors_only(tmp_path):
     from trainer.export import load_exported
 
@@ -131,20 +164,124 @@ def test_exported_weights_load_through_safetensors_only(tmp_path):
     assert "prior.safetensors" in str(err.value) or "header" in str(err.value).lower()
 
 
-@pytest.mark.xfail(strict=True, reason="DeepSpeed's TorchCheckpointEngine.load calls torch.load(weights_only=False) "
-                                       "on the ZeRO shards of a checkpoint: a planted *_model_states.pt runs code on resume")
-def test_deepspeed_shards_of_a_checkpoint_are_not_unpickled_unsafely(tmp_path):
+def _planted(path: Path, marker: Path, size: int = 0) -> Path:
+    """A protocol-2 pickle whose unpickling creates `marker`, padded with zeros to `size` bytes
+    (pickle stops at its STOP opcode; torch's legacy reader unpickles it as the file's header)."""
+    data = pickle.dumps(Payload(marker), protocol=2)
+    path.write_bytes(data + b"\0" * max(size - len(data), 0))
+    return path
+
+
+def test_deepspeed_shards_of_a_checkpoint_are_not_unpickled_unsafely(tmp_path, monkeypatch):
+    """The engine `build_engine` returns reads DeepSpeed's shard files as weights only."""
+    import deepspeed
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+    from launch.config_files import load_config
+    from trainer.engine import build_engine
+    from trainer.safe_load import UnsafeFileError
+
+    class Engine:  # what deepspeed.initialize returns, as far as checkpoint loading goes
+        checkpoint_engine, _config = TorchCheckpointEngine(), None
+
+    monkeypatch.setattr(deepspeed, "initialize", lambda **kw: (Engine(), None, None, None))
+    engine, _ = build_engine(torch.nn.Linear(2, 2), load_config(write_job(tmp_path / "p.yaml", TINY_PRIOR)), 1, "cpu")
     marker = tmp_path / "pwned"
-    shard = tmp_path / "mp_rank_00_model_states.pt"
-    torch.save({"module": {"w": torch.zeros(1)}, "evil": Payload(marker)}, shard)
-    # the call Checkpoints.load_engine -> engine.load_checkpoint makes for each shard
-    try:
-        TorchCheckpointEngine().load(str(shard), map_location="cpu")
-    except Exception:  # noqa: BLE001 - refusing the file is the safe outcome
-        pass
+    shards = [tmp_path / "mp_rank_00_model_states.pt", tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    torch.save({"module": {"w": torch.zeros(1)}, "evil": Payload(marker)}, shards[0])  # torch's zip format
+    _planted(shards[1], marker, size=4096)  # a bare pickle, torch's legacy format
+    for shard in shards:
+        # the call Checkpoints.load_engine -> engine.load_checkpoint makes for each shard
+        with pytest.raises(UnsafeFileError, match=f"{shard.name}: refused by a weights-only load: .*GLOBAL io.open"):
+            engine.checkpoint_engine.load(str(shard), map_location="cpu")
     assert not marker.exists(), "resuming from a checkpoint unpickled arbitrary objects"
+
+
+def test_deepspeed_direct_torch_loads_are_weights_only_while_a_checkpoint_loads(tmp_path):
+    """DeepSpeed's universal-checkpoint reader calls torch.load(weights_only=False) itself."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    from trainer.safe_load import UnsafeFileError, weights_only_loads
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "universal" / "zero").mkdir(parents=True)
+    planted = _planted(tmp_path / "universal" / "zero" / "optimizer_state.pt", marker)
+    real_load, env = torch.load, os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    with weights_only_loads():
+        with pytest.raises(UnsafeFileError, match=f"{planted}: refused"):
+            # the universal path of engine.load_checkpoint (ZeRO 1/2 optimizers) starts with this
+            ZeROOptimizer.load_hp_checkpoint_state_from_checkpoint_dir(object(), "lp", str(tmp_path / "universal"))
+    assert not marker.exists(), "DeepSpeed's universal reader unpickled arbitrary objects"
+    assert torch.load is real_load and os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") == env  # only while loading
+
+
+def test_the_allow_list_is_deepspeed_numbers_only(tmp_path):
+    """What DeepSpeed stores loads back equal; the same classes carrying a callable, or a torn
+    file, are refused naming the file."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from trainer.safe_load import UnsafeFileError, load_weights_only
+
+    dynamic = DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                                consecutive_hysteresis=False, dtype=torch.float16)  # fp16 (GPU only)
+    state = {"optimizer_state_dict": {
+        "loss_scaler": LossScaler(1.0), "dynamic": dynamic, "zero_stage": ZeroStageEnum.gradients,
+        "param_slice_mappings": [{"w": fragment_address(numel=128, start=0)}], "exp_avg": torch.arange(3.0),
+    }}
+    torch.save(state, tmp_path / "optim.pt")
+    loaded = load_weights_only(tmp_path / "optim.pt")["optimizer_state_dict"]
+    assert vars(loaded["loss_scaler"]) == {"cur_scale": 1.0, "dynamic": False}
+    assert vars(loaded["dynamic"]) == vars(dynamic)
+    assert loaded["zero_stage"] is ZeroStageEnum.gradients
+    assert loaded["param_slice_mappings"][0]["w"] == fragment_address(128, 0)
+    assert torch.equal(loaded["exp_avg"], torch.arange(3.0))
+
+    scaler = LossScaler(1.0)
+    scaler.backward = torch._utils._rebuild_tensor_v2  # allowed to unpickle, but not to be called by DeepSpeed
+    torch.save({"loss_scaler": scaler}, tmp_path / "callable.pt")
+    with pytest.raises(UnsafeFileError, match="callable.pt: a LossScaler whose 'backward' is a function"):
+        load_weights_only(tmp_path / "callable.pt")
+    torn = tmp_path / "torn.pt"
+    torn.write_bytes((tmp_path / "optim.pt").read_bytes()[:300])
+    with pytest.raises(UnsafeFileError, match="torn.pt: unreadable"):
+        load_weights_only(torn)
+
+
+@pytest.mark.slow
+def test_a_planted_deepspeed_shard_stops_the_resume_naming_it_and_loses_nothing(tmp_path):
+    """A real run: a payload in place of an optimizer shard (same size, so only loading it could
+    tell) fails the resume, and the universal conversion a new world size would need, with one
+    clear line naming the file; nothing runs and every checkpoint stays as it was."""
+    from trainer.checkpoint import convert_to_universal
+    from trainer_helpers import explain, latest_step, train
+
+    job = merged(TINY_PRIOR, train={**TINY_PRIOR["train"], "steps": 4}, checkpoint={"every_steps": 2, "keep_last": 5})
+    config = write_job(tmp_path / "prior.yaml", job)
+    run_dir = tmp_path / "run"
+    done = train(config, run_dir, nproc=1)
+    assert done.returncode == 0, explain(done)
+    ckpts = run_dir / "checkpoints"
+    before = {p: p.read_bytes() for p in sorted(ckpts.rglob("*")) if p.is_file()}
+    shard = ckpts / "step_0000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    marker = tmp_path / "pwned"
+    _planted(shard, marker, size=len(before[shard]))
+    assert validate(shard.parent) is None  # sizes match: the checkpoint looks complete
+    named = f"{shard}: refused by a weights-only load: Unsupported global: GLOBAL io.open"
+
+    refused = train(config, run_dir, "--set", "train.steps=6", nproc=1)
+    assert refused.returncode == 1, explain(refused)
+    assert not marker.exists(), f"resuming ran code from {shard}"
+    line = next(line for line in refused.stderr.splitlines() if "cannot resume from" in line)
+    assert named in line and "every checkpoint is left as it is" in line, line
+    assert "Traceback" not in refused.stderr, explain(refused)
+    # what a resume at another world size runs first (ds_to_universal reads every shard)
+    problem = convert_to_universal(shard.parent, ckpts / "universal" / shard.parent.name)
+    assert problem.startswith(f"cannot convert {shard.parent} to a universal checkpoint: {named}"), problem
+    assert not marker.exists(), f"the universal conversion ran code from {shard}"
+    assert latest_step(run_dir) == 4
+    assert all(p.read_bytes() == data for p, data in before.items() if p != shard)  # nothing lost
 
 
 def test_metrics_server_binds_loopback_unless_asked():
