@@ -26,7 +26,10 @@ def fp32_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     """The trained (not EMA) fp32 weights of a checkpoint, consolidated by DeepSpeed's tool."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=f"step_{step:07d}")
+    from trainer.safe_load import weights_only_loads
+
+    with weights_only_loads():  # zero_to_fp32 would unpickle the shards; it works without
+        return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=f"step_{step:07d}")
 
 
 def ema_shards(run_dir: Path, step: int, world: int) -> list[dict[str, torch.Tensor]]:

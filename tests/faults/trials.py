@@ -41,7 +41,10 @@ TRIAL = itertools.count()  # run directories are unique even when two trials dra
 def fp32(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=f"step_{step:07d}")
+    from trainer.safe_load import weights_only_loads
+
+    with weights_only_loads():  # zero_to_fp32 would unpickle the shards; it works without
+        return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=f"step_{step:07d}")
 
 
 def ema(run_dir: Path, step: int) -> list[dict[str, torch.Tensor]]:
