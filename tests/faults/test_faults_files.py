@@ -284,13 +284,26 @@ def test_a_planted_deepspeed_shard_stops_the_resume_naming_it_and_loses_nothing(
     assert all(p.read_bytes() == data for p, data in before.items() if p != shard)  # nothing lost
 
 
-def test_metrics_server_binds_loopback_unless_asked():
-    from launch.cli import build_parser
-    from trainer.config import MetricsConfig
+def test_metrics_server_binds_loopback_unless_asked(tmp_path):
+    """The socket the exporter actually listens on, from a job file as the CLI loads it."""
+    import socket
 
-    assert MetricsConfig().host == "127.0.0.1"
-    args = build_parser().parse_args(["train", "--config", "x.yaml"])
-    assert args.metrics_host is None  # nothing overrides the loopback default unless the user asks
+    from launch.cli import build_parser
+    from launch.train_cmd import load_train_job, metrics_overrides
+    from trainer.metrics import Metrics
+
+    config = write_job(tmp_path / "prior.yaml", TINY_PRIOR)
+    for flags, host in (([], "127.0.0.1"), (["--metrics-host", "127.0.0.2"], "127.0.0.2")):  # asked: another address
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        args = build_parser().parse_args(["train", "--config", str(config), "--metrics-port", str(port), *flags])
+        job = load_train_job(args.config, metrics_overrides(args))
+        metrics = Metrics(job.name, job.stage, 0, 1, None, job.metrics, console=False).start()
+        try:
+            assert metrics.port == port and metrics._server.server_address[:2] == (host, port)
+        finally:
+            metrics.close()
 
 
 # ---------------------------------------------------------------------------- checkpoints
