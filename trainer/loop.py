@@ -278,6 +278,7 @@ class Trainer:
             if self.faults.nan_loss(self.step):
                 loss = loss * float("nan")
             self.engine.backward(loss)
+            self.faults.after_backward(self.rank, self.step + 1)
             return loss
 
         if self.flops_per_sample is not None or self.step > 0:
