@@ -14,7 +14,8 @@ Layout of `RUN_DIR/checkpoints/`:
 A checkpoint is complete iff its meta.json exists, says so, and every file it lists has the
 recorded size (and, for our own small files, sha256). A crash while saving therefore leaves
 an incomplete directory that is ignored with a warning, and `latest` still names the
-previous, complete one.
+previous, complete one. DeepSpeed's files are read weights-only (`trainer/safe_load.py`): a
+checkpoint directory is data, never code.
 """
 
 from __future__ import annotations
