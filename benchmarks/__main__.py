@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = mfu.rows_from(result, peak)
         if device == "cuda" and not small:
             rows.append(mfu.paper_width_prior(runtime, peak, preset.runs))
-        note = (f"Peak: {peak / 1e9:.0f} GFLOP/s, the best {runtime.precision} square-matmul rate measured in this run "
-                f"(before the tables {peak_before / 1e9:.0f}, after {peak_after / 1e9:.0f}).")
+        note = (f"Peak: the {runtime.precision} square-matmul rate timed in bursts between the training runs of each "
+                f"row (median), so that it saw the same load; on a quiet machine the best rate in this run was "
+                f"{peak / 1e9:.0f} GFLOP/s (before the tables {peak_before / 1e9:.0f}, after {peak_after / 1e9:.0f}).")
         sections += [report.side_by_side_table(result), report.mfu_table(rows, f"2. MFU, {runtime.describe()}", note)]
         all_mfu += rows
         first = first or (result, rows)
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         _, cpu_rows = first
         fallback = {"unet": next((r.mfu("ours") for r in cpu_rows if not r.label.startswith("prior")), None)}
         print("== paper scale", flush=True)
-        paper_rows = paper_scale.run(runtime, peak=peak, runs=1 if small else preset.runs,
+        paper_rows = paper_scale.run(runtime, runs=1 if small else preset.runs,
                                      cpu_micro_batch=2 if small else 8, fallback_mfu=fallback,
                                      jobs=paper_scale.DEMO_JOBS if small else paper_scale.JOBS)
         sections.append(report.paper_tables(paper_rows))

@@ -133,12 +133,14 @@ def _step_fn(cfg, runtime: Runtime, micro_batch: int) -> Callable[[], None]:
     return step
 
 
-def _measure(job: PaperJob, cfg, runtime: Runtime, micro_batch: int, runs: int, peak: float) -> dict:
+def _measure(job: PaperJob, cfg, runtime: Runtime, micro_batch: int, runs: int) -> dict:
     d1, d2 = job.depths
     full = _depth(cfg, job.depth_key)
-    steps = {d: _step_fn(_load(job, (f"{job.depth_key}={d}",)), runtime, micro_batch) for d in (d1, d2)}
+    steps: dict = {d: _step_fn(_load(job, (f"{job.depth_key}={d}",)), runtime, micro_batch) for d in (d1, d2)}
+    steps["peak"], burst_flops = runtime.matmul_burst()  # this device's peak under the same load
     stats = interleaved(steps, runs, warmup=1)
     t1, t2 = stats[d1].median, stats[d2].median
+    peak = stats["peak"].rate(burst_flops).median
     per_layer = (t2 - t1) / (d2 - d1)
     step = t1 + (full - d1) * per_layer
     # MFU of the measured reduced-depth step, from its own counted FLOPs
@@ -148,7 +150,7 @@ def _measure(job: PaperJob, cfg, runtime: Runtime, micro_batch: int, runs: int, 
             "per_layer": per_layer, "step": step, "mfu": mfu, "runs": runs}
 
 
-def run(runtime: Runtime, *, peak: float, runs: int, cpu_micro_batch: int, fallback_mfu: dict[str, Optional[float]],
+def run(runtime: Runtime, *, runs: int, cpu_micro_batch: int, fallback_mfu: dict[str, Optional[float]],
         jobs: tuple[PaperJob, ...] = JOBS, log: Callable[[str], None] = print) -> list[PaperRow]:
     """`fallback_mfu` {"unet": MFU}: the MFU to assume for stages not measured on this device."""
     rows = []
@@ -159,7 +161,7 @@ def run(runtime: Runtime, *, peak: float, runs: int, cpu_micro_batch: int, fallb
         row = PaperRow(job, params, _depth(cfg, job.depth_key), cfg.train.micro_batch_size, memory, _meta_flops(cfg))
         if on_gpu or job.measure_on_cpu:
             micro = cfg.train.micro_batch_size if on_gpu else cpu_micro_batch
-            row.measured = _measure(job, cfg, runtime, micro, runs, peak)
+            row.measured = _measure(job, cfg, runtime, micro, runs)
             if on_gpu:
                 row.seconds_per_sample_gpu = row.measured["step"] / micro
                 row.how = "measured on this GPU at reduced depth, extrapolated per layer"

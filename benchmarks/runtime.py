@@ -38,6 +38,21 @@ class Runtime:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def matmul_burst(self) -> tuple[Callable[[], None], float]:
+        """A burst of large square matmuls in the training dtype and its FLOPs: timed between
+        the training runs, it gives the machine's peak under the same load as they saw."""
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        size, count = (8192, 16) if self.device.type == "cuda" else (1536, 4)
+        a = torch.randn(size, size, device=self.device, dtype=dtype)
+        b = torch.randn(size, size, device=self.device, dtype=dtype)
+
+        def burst() -> None:
+            for _ in range(count):
+                torch.mm(a, b)
+            self.sync()
+
+        return burst, 2.0 * size**3 * count
+
     def describe(self) -> str:
         if self.device.type == "cuda":
             return f"{torch.cuda.get_device_name(self.device)}, {self.precision} autocast"
@@ -55,8 +70,10 @@ class Bench:
 
     def __post_init__(self) -> None:
         self.model.to(self.runtime.device).train()
-        # the same optimizer for both implementations: it is not what is being compared
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        # the same optimizer for both implementations: it is not what is being compared. Fused
+        # (one kernel per tensor): the foreach version's many small kernels each wait for a core
+        # on a shared machine, which measures the load, not the models.
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
 
     @property
     def params(self) -> int:

@@ -50,6 +50,7 @@ class Row:
     workload: Workload
     ours: Optional[Rate]
     theirs: Optional[Rate]
+    peak: Optional[Rate] = None  # FLOP/s of the matmul bursts timed between the training runs
     ours_memory: Optional[int] = None  # peak bytes
     theirs_memory: Optional[int] = None
     memory_note: str = ""
@@ -98,11 +99,15 @@ def run(preset: Preset, runtime: Runtime, *, memory: bool = True, log: Callable[
         for wl in (w for w in workloads(preset) if w.kind == kind):
             items = spec.batch if wl.action == "train" else spec.sample_batch
             fns = {impl: (b.train_step if wl.action == "train" else b.sample) for impl, b in benches.items()}
+            if wl.action == "train":  # the machine's peak, under the load these runs saw (MFU)
+                fns["peak"], burst_flops = runtime.matmul_burst()
             # a sampling run is 50 model calls, already warmed by the training rows of the same
             # model: its first run needs no untimed twin
             stats = interleaved(fns, preset.runs, preset.warmup if wl.action == "train" else 0)
-            rates = {impl: s.rate(items) for impl, s in stats.items()}
+            rates = {impl: s.rate(items) for impl, s in stats.items() if impl != "peak"}
             row = Row(wl, rates.get(ours.IMPL), rates.get(peer.IMPL))
+            if "peak" in stats:
+                row.peak = stats["peak"].rate(burst_flops)
             log(f"  {wl.label}: " + ", ".join(f"{impl} {r.median:.3g} {wl.unit}" for impl, r in rates.items())
                 + (f" -> {row.speedup:.2f}x" if row.speedup else ""))
             rows.append(row)

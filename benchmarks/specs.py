@@ -28,7 +28,7 @@ class PriorSpec:
     ff_mult: int = 4
     text_len: int = 77
     batch: int = 32
-    sample_batch: int = 4
+    sample_batch: int = 2
     sample_steps: int = 50
 
 
@@ -50,7 +50,7 @@ class DecoderSpec:
     # != embed_dim: dalle2-pytorch's Unet skips its image-token projection when they are equal
     context_dim: int = 256
     batch: int = 16
-    sample_batch: int = 2
+    sample_batch: int = 1
     sample_steps: int = 50
     guidance_scale: float = 3.0
 
