@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         if device == "cuda" and not small:
             rows.append(mfu.paper_width_prior(runtime, peak, preset.runs))
         note = (f"Peak: the {runtime.precision} square-matmul rate timed in bursts between the training runs of each "
-                f"row (median), so that it saw the same load; on a quiet machine the best rate in this run was "
-                f"{peak / 1e9:.0f} GFLOP/s (before the tables {peak_before / 1e9:.0f}, after {peak_after / 1e9:.0f}).")
+                f"row (median), so that it saw the same load as they did. For scale, a separate 1-second matmul "
+                f"measurement gave {peak_before / 1e9:.0f} GFLOP/s before the tables and {peak_after / 1e9:.0f} after "
+                "(the other jobs' load moves in between).")
         sections += [report.side_by_side_table(result), report.mfu_table(rows, f"2. MFU, {runtime.describe()}", note)]
         all_mfu += rows
         first = first or (result, rows)

@@ -7,7 +7,7 @@ from __future__ import annotations
 MATCHING = """\
 Both implementations are built from one spec (`benchmarks/specs.py`) and fed the same tensors
 (`make_prior_inputs` / `make_decoder_inputs`, same seed); the optimizer is the same
-`torch.optim.AdamW` for both. No CLIP runs: both get precomputed embeddings and encodings.
+fused `torch.optim.AdamW` for both. No CLIP runs: both get precomputed embeddings and encodings.
 
 Matched:
 - Prior: width, depth, heads, head width, feed-forward multiplier; the same sequence of
@@ -19,8 +19,8 @@ Matched:
   the same feature-map sizes with the same head width, norm groups, 4 image-embedding
   context tokens, the image embedding added to the time embedding, 77 text tokens projected to
   the same context width; eps objective with fixed variances (their `learned_variance=False`),
-  3x3 stem and output convs (their 7x7 cross-embed stem and 1x1 output are switched to the
-  same 3x3 convs).
+  3x3 stem and output convs (their default cross-embed stem of 3/7/15 kernels and 1x1 output
+  conv are switched to the same 3x3 convs).
 - Sampling: DDIM, eta 0, 50 steps, no progress bars. Prior: one candidate per caption, no
   guidance (their `p_sample_loop`). Decoder: classifier-free guidance 3.0.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import time
 from typing import Callable, Optional
 
 import torch
@@ -89,6 +90,7 @@ def _train_flops(bench: Bench, batch: int) -> float:
 def run(preset: Preset, runtime: Runtime, *, memory: bool = True, log: Callable[[str], None] = print) -> Result:
     have_peer = peer.load() is not None
     rows, params, flops = [], {}, {}
+    start = time.perf_counter()
     for kind in ("prior", "decoder"):
         spec = getattr(preset, kind)
         torch.manual_seed(0)
@@ -109,7 +111,7 @@ def run(preset: Preset, runtime: Runtime, *, memory: bool = True, log: Callable[
             if "peak" in stats:
                 row.peak = stats["peak"].rate(burst_flops)
             log(f"  {wl.label}: " + ", ".join(f"{impl} {r.median:.3g} {wl.unit}" for impl, r in rates.items())
-                + (f" -> {row.speedup:.2f}x" if row.speedup else ""))
+                + (f" -> {row.speedup:.2f}x" if row.speedup else "") + f"  [{time.perf_counter() - start:.0f} s]")
             rows.append(row)
         del benches
         gc.collect()
@@ -120,5 +122,6 @@ def run(preset: Preset, runtime: Runtime, *, memory: bool = True, log: Callable[
             row.ours_memory, note = peak_memory(ours.IMPL, *args)
             row.theirs_memory, peer_note = peak_memory(peer.IMPL, *args) if have_peer else (None, "not installed")
             row.memory_note = note if row.theirs_memory or not have_peer else f"{note}; peer: {peer_note}"
-            log(f"  peak memory, {wl.label}: ours {row.ours_memory}, theirs {row.theirs_memory} ({row.memory_note})")
+            log(f"  peak memory, {wl.label}: ours {row.ours_memory}, theirs {row.theirs_memory} ({row.memory_note})"
+                f"  [{time.perf_counter() - start:.0f} s]")
     return Result(preset, runtime, peer.version(), params, flops, rows)
