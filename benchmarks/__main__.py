@@ -82,15 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     for device in devices:
         runtime = Runtime.for_device(device)
         print(f"== {runtime.describe()}: peak matmul rate", flush=True)
-        peak_before = mfu.peak_flops(runtime, seconds=0.2 if small else 1.0)
+        peak_before = mfu.peak_flops(runtime, seconds=0.2 if small else 0.5)
         result = side_by_side.run(preset, runtime, memory=not args.no_memory)
-        peak_after = mfu.peak_flops(runtime, seconds=0.2 if small else 1.0)
+        peak_after = mfu.peak_flops(runtime, seconds=0.2 if small else 0.5)
         peak = max(peak_before, peak_after)
         rows = mfu.rows_from(result, peak)
         if device == "cuda" and not small:
             rows.append(mfu.paper_width_prior(runtime, peak, preset.runs))
         note = (f"Peak: the {runtime.precision} square-matmul rate timed in bursts between the training runs of each "
-                f"row (median), so that it saw the same load as they did. For scale, a separate 1-second matmul "
+                f"row (median), so that it saw the same load as they did. For scale, a separate matmul "
                 f"measurement gave {peak_before / 1e9:.0f} GFLOP/s before the tables and {peak_after / 1e9:.0f} after "
                 "(the other jobs' load moves in between).")
         sections += [report.side_by_side_table(result), report.mfu_table(rows, f"2. MFU, {runtime.describe()}", note)]
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         fallback = {"unet": next((r.mfu("ours") for r in cpu_rows if not r.label.startswith("prior")), None)}
         print("== paper scale", flush=True)
         paper_rows = paper_scale.run(runtime, runs=1 if small else preset.runs,
-                                     cpu_micro_batch=2 if small else 8, fallback_mfu=fallback,
+                                     cpu_micro_batch=2 if small else 4, fallback_mfu=fallback,
                                      jobs=paper_scale.DEMO_JOBS if small else paper_scale.JOBS)
         sections.append(report.paper_tables(paper_rows))
     info = report.RunInfo(
