@@ -51,9 +51,10 @@ def _versions() -> dict[str, str]:
 
 
 def _headline(result: side_by_side.Result, mfu_rows: list[mfu.MfuRow]) -> str:
-    speed = [f"{r.workload.kind} {r.workload.action} {r.speedup:.2f}x" for r in result.rows if r.speedup]
-    memory = [f"{r.memory_ratio:.2f}" for r in result.rows if r.memory_ratio]
-    mfus = [f"{row.label.split()[0]} {row.mfu('ours'):.0%}" for row in mfu_rows if row.mfu("ours") is not None]
+    speed = [f"{r.workload.kind} {r.workload.action} {report._down(r.speedup):.2f}x" for r in result.rows if r.speedup]
+    memory = [f"{report._up(r.memory_ratio):.2f}" for r in result.rows if r.memory_ratio]
+    mfus = [f"{row.label.split()[0]} {report._down(row.mfu('ours')):.0%}" for row in mfu_rows
+            if row.mfu("ours") is not None]
     parts = []
     if speed:
         parts.append("ours/theirs " + ", ".join(speed) + " (target >= 1.5x)")

@@ -7,6 +7,7 @@ file, linked from here); the model section below it is rewritten whole by each r
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 from benchmarks import ours, peer
@@ -66,6 +67,16 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}" if x < 100 else f"{x:.0f}"
 
 
+def _down(x: float, digits: int = 2) -> float:
+    """Truncated, not rounded, so a value that misses a lower bound never prints as meeting it."""
+    return math.floor(x * 10**digits) / 10**digits
+
+
+def _up(x: float, digits: int = 2) -> float:
+    """Rounded up, so a value over an upper bound never prints as meeting it."""
+    return math.ceil(x * 10**digits) / 10**digits
+
+
 def _count(n: float) -> str:
     for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= scale:
@@ -109,20 +120,20 @@ def side_by_side_table(result: Result) -> list[str]:
     for row in result.rows:
         wl = row.workload
         met = None if row.speedup is None else row.speedup >= TARGET_SPEEDUP
-        ratio = "-" if row.speedup is None else f"**{row.speedup:.2f}x**"
+        ratio = "-" if row.speedup is None else f"**{_down(row.speedup):.2f}x**"
         out.append(f"| {wl.label}, {wl.unit} | {_rate(row.ours, installed)} | {_rate(row.theirs, installed)} | "
                    f"{ratio} | >= {TARGET_SPEEDUP}x{_ok(met)} |")
         if met is False:
-            below.append((_key(row, "speed"), f"{wl.label}: {row.speedup:.2f}x"))
+            below.append((_key(row, "speed"), f"{wl.label}: {_down(row.speedup):.2f}x"))
     for row in result.rows:
         wl = row.workload
         ratio = row.memory_ratio
         met = None if ratio is None else ratio <= TARGET_MEMORY
         theirs = _mib(row.theirs_memory, NOT_INSTALLED if not installed else row.memory_note)
         out.append(f"| peak memory, {wl.label} | {_mib(row.ours_memory, row.memory_note)} | {theirs} | "
-                   f"{'-' if ratio is None else f'**{ratio:.2f}**'} | <= {TARGET_MEMORY:g}{_ok(met)} |")
+                   f"{'-' if ratio is None else f'**{_up(ratio):.2f}**'} | <= {TARGET_MEMORY:g}{_ok(met)} |")
         if met is False:
-            below.append((_key(row, "memory"), f"peak memory, {wl.label}: {ratio:.2f}"))
+            below.append((_key(row, "memory"), f"peak memory, {wl.label}: {_up(ratio):.2f}"))
     out += ["", "Throughput: median of the timed runs (slowest-fastest run in brackets), runs of ours and "
             "theirs interleaved. Memory: " + ("`max_memory_allocated`" if result.runtime.device.type == "cuda"
                                              else "peak RSS above the post-import baseline") +
@@ -143,7 +154,7 @@ def mfu_table(rows: list[MfuRow], title: str, peak_note: str) -> list[str]:
             if impl not in f or impl not in r:
                 return NOT_INSTALLED if impl == peer.IMPL else "-"
             return {"flops": _fmt(f[impl] / 1e9), "rate": _fmt(f[impl] * r[impl] / 1e9),
-                    "mfu": f"{row.mfu(impl):.0%}"}[what]
+                    "mfu": f"{_down(row.mfu(impl)):.0%}"}[what]
 
         mfu = row.mfu(ours.IMPL)
         met = None if row.target is None or mfu is None else mfu >= row.target
@@ -155,7 +166,7 @@ def mfu_table(rows: list[MfuRow], title: str, peak_note: str) -> list[str]:
                    f"{cell(peer.IMPL, 'mfu')} | {ratio} | {target} |")
         if met is False:
             kind = "prior" if row.label.startswith("prior") else "decoder"
-            below.append((f"{kind}-mfu", f"MFU, {row.label}: {mfu:.0%}"))
+            below.append((f"{kind}-mfu", f"MFU, {row.label}: {_down(mfu):.0%}"))
     return out + _below(below)
 
 
