@@ -153,8 +153,9 @@ class DiffusionPrior(nn.Module):
         tail = torch.stack([embed_token, time_token, image_token, query], dim=1) + self.tail_pos.to(dtype)
         seq = torch.cat([text_tokens, tail], dim=1)
         keep = torch.cat([keep, torch.ones(batch, 4, dtype=torch.bool, device=keep.device)], dim=1)
-        out = self.transformer(seq, keep)
-        return out if return_sequence else self.to_out(out[:, -1])
+        if return_sequence:
+            return self.transformer(seq, keep)
+        return self.to_out(self.transformer(seq, keep, last=1)[:, -1])
 
     def loss(
         self,
@@ -331,8 +332,9 @@ class ARPrior(nn.Module):
         prefix, keep = self._prefix(text_embed, text_encodings, text_mask, dot_codes, drop)
         seq = torch.cat([prefix, self._code_tokens(codes, 0)], dim=1)
         keep = torch.cat([keep, torch.ones(batch, n, dtype=torch.bool, device=keep.device)], dim=1)
-        out = self.transformer(seq, keep)
-        return out if return_sequence else self.to_logits(out[:, -(n + 1) :])
+        if return_sequence:
+            return self.transformer(seq, keep)
+        return self.to_logits(self.transformer(seq, keep, last=n + 1))
 
     def loss(
         self,

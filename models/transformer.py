@@ -57,10 +57,20 @@ class Attention(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
 
-    def forward(self, x: Tensor, mask: Tensor, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor, cache: Optional[KVCache] = None, layer: int = 0, queries: Optional[int] = None
+    ) -> Tensor:
         """`x` `[batch, tokens, dim]`; `mask` from `attention_mask`; with a cache, `x` holds only
-        the new tokens and their keys/values are appended to layer `layer`'s entry."""
-        q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        the new tokens and their keys/values are appended to layer `layer`'s entry. With
+        `queries` = n, only the last n positions query (keys and values still come from every
+        token) and the result is `[batch, n, dim]`; `mask` then covers those n queries."""
+        if queries is None:
+            q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        else:
+            # the same projection, split: queries for the last n tokens, keys/values for all
+            w_q, w_kv = self.to_qkv.weight.split([self.to_qkv.out_features // 3, 2 * self.to_qkv.out_features // 3])
+            q = rearrange(F.linear(x[:, -queries:], w_q), "b n (h d) -> b h n d", h=self.heads)
+            k, v = rearrange(F.linear(x, w_kv), "b n (two h d) -> two b h n d", two=2, h=self.heads)
         if cache is not None:
             if cache.keys[layer] is not None:
                 k = torch.cat([cache.keys[layer], k], dim=2)
@@ -87,8 +97,12 @@ class Block(nn.Module):
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, ff_mult, dropout)
 
-    def forward(self, x: Tensor, mask: Tensor, cache: Optional[KVCache] = None, layer: int = 0) -> Tensor:
-        x = x + self.attn(self.norm_attn(x), mask, cache, layer)
+    def forward(
+        self, x: Tensor, mask: Tensor, cache: Optional[KVCache] = None, layer: int = 0, queries: Optional[int] = None
+    ) -> Tensor:
+        """`[batch, tokens, dim]`, or with `queries` = n only the last n positions `[batch, n, dim]`."""
+        attended = self.attn(self.norm_attn(x), mask, cache, layer, queries)
+        x = (x if queries is None else x[:, -queries:]) + attended
         return x + self.ff(self.norm_ff(x))
 
 
@@ -103,10 +117,15 @@ class CausalTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, dim_head, ff_mult, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, keep: Optional[Tensor] = None, cache: Optional[KVCache] = None) -> Tensor:
+    def forward(
+        self, x: Tensor, keep: Optional[Tensor] = None, cache: Optional[KVCache] = None, last: Optional[int] = None
+    ) -> Tensor:
         """`x`: `[batch, tokens, dim]`; `keep`: `[batch, tokens]` bool, False at padding (None:
         all valid). With `cache`, `x` and `keep` are only the tokens after the cached ones;
-        the cache is extended in place. Returns `[batch, tokens, dim]`."""
+        the cache is extended in place. Returns `[batch, tokens, dim]`, or with `last` = n only
+        the outputs of the last n positions `[batch, n, dim]`: the final block then computes
+        only those (its queries, output projection and MLP; every token's keys and values),
+        the same values for a fraction of that block's work (no cache)."""
         batch, tokens, _ = x.shape
         if keep is None:
             keep = torch.ones(batch, tokens, dtype=torch.bool, device=x.device)
@@ -115,9 +134,12 @@ class CausalTransformer(nn.Module):
         if cache is not None:
             keep = keep if cache.keep is None else torch.cat([cache.keep, keep], dim=1)
             cache.keep = keep
+        if last is not None and (cache is not None or not 1 <= last <= tokens):
+            raise ValueError(f"CausalTransformer: last must be in [1, {tokens}] and used without a cache, got {last}")
         mask = attention_mask(keep, tokens)
         for layer, block in enumerate(self.blocks):
-            x = block(x, mask, cache, layer)
+            final = last is not None and layer == self.depth - 1
+            x = block(x, mask[:, :, -last:] if final else mask, cache, layer, last if final else None)
         return self.norm(x)
 
 

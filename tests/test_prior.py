@@ -98,6 +98,38 @@ def test_kv_cache_matches_full_forward():
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_last_outputs_match_the_full_forward_values_and_gradients():
+    # `last=n` runs the final block for the last n positions only (a speed path): same values,
+    # and the same gradients for every weight, as slicing the full output
+    torch.manual_seed(0)
+    net = CausalTransformer(dim=16, depth=2, heads=2, dim_head=8)
+    x = torch.randn(2, 7, 16)
+    keep = torch.ones(2, 7, dtype=torch.bool)
+    keep[1, 1:3] = False
+    for n in (1, 3, 7):
+        full = net(x, keep)[:, -n:]
+        full.square().sum().backward()
+        grads = {k: p.grad.clone() for k, p in net.named_parameters()}
+        net.zero_grad()
+        part = net(x, keep, last=n)
+        part.square().sum().backward()
+        torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)
+        for k, p in net.named_parameters():
+            torch.testing.assert_close(p.grad, grads[k], atol=1e-5, rtol=1e-5, msg=k)
+        net.zero_grad()
+    with pytest.raises(ValueError, match="last"):
+        net(x, keep, last=8)
+
+
+def test_prior_output_is_the_query_position_of_the_sequence():
+    m = model()
+    image, text, enc, mask = batch()
+    t = torch.tensor([0, 10, 50, 99])
+    kwargs = dict(text_embed=text, text_encodings=enc, text_mask=mask, null_cond=torch.zeros(4, dtype=torch.bool))
+    seq = m(image, t, return_sequence=True, **kwargs)
+    torch.testing.assert_close(m(image, t, **kwargs), m.to_out(seq[:, -1]), atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------ diffusion prior: forward
 def test_forward_shapes_and_sequence_layout():
     m = model()

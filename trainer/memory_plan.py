@@ -93,7 +93,6 @@ def measure(job: Any, stage: Any) -> ModelSize:
 
 def _activations(model: nn.Module, job: Any, stage: Any) -> tuple[Optional[int], str]:
     from trainer.engine import resolve_precision
-    from trainer.stages import StageContext
 
     element = 4 if resolve_precision(job.deepspeed.precision, "cuda") == "fp32" else 2
     total = 0
@@ -106,15 +105,29 @@ def _activations(model: nn.Module, job: Any, stage: Any) -> tuple[Optional[int],
     leaves = [m for m in model.modules() if not list(m.children())]
     hooks = [m.register_forward_hook(count) for m in leaves]
     try:
-        batch = _meta_batch(job, stage)
-        model.train()
-        stage.loss(model, batch, None, StageContext())  # type: ignore[arg-type]  (no generator on meta)
+        meta_training_loss(model, job, stage)
     except Exception as err:  # some ops have no meta kernel: report, do not guess
         return None, f"activations not estimated ({type(err).__name__}: {err})"
     finally:
         for h in hooks:
             h.remove()
     return total * element, ""
+
+
+def meta_training_loss(model: nn.Module, job: Any, stage: Any) -> torch.Tensor:
+    """The stage's training loss on one micro batch of the `meta` device (shapes, no data).
+
+    An upsampler that trains on random crops runs its diffusion loss on a crop-sized image and
+    low-res condition directly: drawing the crop offsets needs real numbers, which meta tensors
+    do not have (the cropping itself costs nothing that is kept for the backward pass)."""
+    from trainer.stages import StageContext
+
+    model.train()
+    crop = getattr(job.model, "train_crop_size", None) if job.stage == "upsampler" else None
+    if crop:
+        images = torch.zeros(job.train.micro_batch_size, job.model.channels, crop, crop, device="meta")
+        return model.diffusion.loss(model, images, cond={"lowres_cond": torch.zeros_like(images)})
+    return stage.loss(model, _meta_batch(job, stage), None, StageContext())  # type: ignore[arg-type]
 
 
 def _meta_batch(job: Any, stage: Any) -> dict[str, Any]:
