@@ -40,6 +40,17 @@ TINY_ARCHITECTURES: dict[str, dict] = {
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 4, "mlp_ratio": 2.0},
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2, "mlp_ratio": 2.0},
     },
+    # The demo's CLIP: a small ModifiedResNet image tower (CLIP's RN50 design: conv stem,
+    # four bottleneck stages, attention pooling) in place of the ViT. On 32 px shapes the
+    # convolutions' locality is what learns shape and position within the demo's minute of
+    # training: after 150 steps a linear probe on its image embeddings reads shape 95% and
+    # position 100%, where the ViT above reads 65% and 89% after 300. 16 tokens hold every
+    # demo caption (at most 9 with the start and end tokens) at half the prior's sequence.
+    "unclip-demo": {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2, "mlp_ratio": 2.0},
+    },
     # Same towers, but 77 tokens like every published CLIP, to test context-length handling.
     "unclip-tiny-77": {
         "embed_dim": 64,
