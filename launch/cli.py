@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR")
 
     p = sub.add_parser("export", help="consolidated EMA weights of a run (safetensors)")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="the file; with several RUN_DIRs a folder, one RUN_DIR_NAME.safetensors each")
 
     p = sub.add_parser("launch", help="start a job locally, on a DeepSpeed hostfile, under torchrun or SLURM")
     p.add_argument("--config", required=True, metavar="FILE")

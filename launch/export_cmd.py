@@ -1,4 +1,6 @@
-"""`unclip export RUN_DIR --out FILE`: consolidated EMA weights (safetensors), no DeepSpeed needed."""
+"""`unclip export RUN_DIR [RUN_DIR ...] --out PATH`: consolidated EMA weights (safetensors),
+no DeepSpeed needed. Several runs export in one process (one interpreter start-up instead of
+one per stage), each to `PATH/<run dir name>.safetensors`."""
 
 from __future__ import annotations
 
@@ -9,17 +11,25 @@ from pathlib import Path
 EXIT_OK, EXIT_RUNTIME = 0, 1
 
 
+def targets(run_dirs: list[str], out: str) -> list[tuple[Path, Path]]:
+    """(run dir, export file) pairs: `out` is the file for one run, the folder for several."""
+    if len(run_dirs) == 1:
+        return [(Path(run_dirs[0]), Path(out))]
+    return [(Path(run), Path(out) / f"{Path(run).resolve().name}.safetensors") for run in run_dirs]
+
+
 def main(args: argparse.Namespace) -> int:
     from trainer.checkpoint import CheckpointError
     from trainer.export import export
 
-    try:
-        info = export(Path(args.run_dir), Path(args.out))
-    except (CheckpointError, OSError) as err:
-        print(f"unclip export: {err}", file=sys.stderr)
-        return EXIT_RUNTIME
-    print(
-        f"unclip export: {info['stage']} EMA weights of {info['checkpoint']} (step {info['step']}, "
-        f"{info['parameters']:,} values in {info['tensors']} tensors) -> {args.out}"
-    )
+    for run_dir, out in targets(args.run_dirs, args.out):
+        try:
+            info = export(run_dir, out)
+        except (CheckpointError, OSError) as err:
+            print(f"unclip export: {err}", file=sys.stderr)
+            return EXIT_RUNTIME
+        print(
+            f"unclip export: {info['stage']} EMA weights of {info['checkpoint']} (step {info['step']}, "
+            f"{info['parameters']:,} values in {info['tensors']} tensors) -> {out}"
+        )
     return EXIT_OK
