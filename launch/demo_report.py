@@ -1,9 +1,14 @@
 """The demo's last stage: sample held-out prompts, judge them, write samples.png and report.json.
 
 Held-out prompts are captions of a shapes set drawn with a seed the training set did not use.
-The report measures the full chain (prior + decoder + upsamplers) and the paper's ablation,
-the decoder fed the caption's text embedding directly (no prior), on the same prompts and
-seeds, with the independent judge of `launch/demo_eval.py` and the demo CLIP.
+The report measures the full chain (prior + decoder + upsamplers) against the paper's two
+decoder-conditioning ablations (sec. 5.1), on the same prompts and seeds, through the same
+decoder and upsamplers, with the independent judge of `launch/demo_eval.py` and the demo CLIP:
+
+- `decoder_only_baseline`: no prior, the caption goes to the decoder directly (with its null
+  image embedding: the paper's "caption only" row);
+- `text_embedding_baseline`: no prior, the caption's CLIP text embedding is fed to the decoder
+  as if it were an image embedding (the paper's second row).
 """
 
 from __future__ import annotations
@@ -19,9 +24,14 @@ import torch
 from data_pipeline import shapes
 from launch.demo_eval import attribute_accuracy, tensor_to_pil
 from launch.weights import load_pipeline
-from models.pipeline import UnCLIPPipeline
+from models.pipeline import CaptionOnly, UnCLIPPipeline
 
 HELD_OUT_SEED = 10_000  # training shards use seed 0
+TARGETS = {"colour": 0.90, "shape": 0.70}
+# "Far above the baseline": on colour and on shape, at most this fraction of the baseline's
+# error rate (1 - accuracy). Relative, because a caption names its colour in one word that even
+# the decoder alone learns: near the ceiling no absolute margin is possible.
+BASELINE_ERROR_RATIO = 0.5
 
 
 def held_out_prompts(count: int, size: int) -> tuple[list[str], list[shapes.ShapeAttributes], torch.Tensor]:
@@ -64,38 +74,60 @@ def _evaluate(pipeline: UnCLIPPipeline, prompts, attrs, real, seed: int) -> tupl
     }
 
 
+def _verdict(full: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    ours, theirs = full["attribute_accuracy"], baseline["attribute_accuracy"]
+    margins = {k: round(ours[k] - theirs[k], 4) for k in TARGETS}
+    error_ratio = {k: round((1 - ours[k]) / (1 - theirs[k]), 4) if theirs[k] < 1 else None for k in TARGETS}
+    meets = {k: ours[k] >= target for k, target in TARGETS.items()}
+    beats = {k: ours[k] > theirs[k] and (1 - ours[k]) <= BASELINE_ERROR_RATIO * (1 - theirs[k]) for k in TARGETS}
+    return {"meets": meets, "margin_over_baseline": margins, "error_ratio_to_baseline": error_ratio,
+            "far_above_baseline": beats, "meets_targets": all(meets.values()) and all(beats.values())}
+
+
 def write_samples_and_report(demo: Any, preset: Any) -> tuple[Path, Path]:
     """Sample, judge and write `samples.png` and `report.json` under the demo's root."""
     from trainer.report import save_grid
 
     weights = [demo.weight(s) for s in ("clip", "prior", "decoder", "upsampler1", "upsampler2")]
     pipeline = load_pipeline(weights)
-    baseline = UnCLIPPipeline(pipeline.clip, None, pipeline.decoder, pipeline.upsamplers)
+    chain = (pipeline.clip, pipeline.decoder, pipeline.upsamplers)
+    caption_only = UnCLIPPipeline(chain[0], CaptionOnly(pipeline.decoder), *chain[1:])
+    text_embedding = UnCLIPPipeline(chain[0], None, *chain[1:])
     prompts, attrs, real = held_out_prompts(preset.eval_prompts, pipeline.image_size)
 
     images, full = _evaluate(pipeline, prompts, attrs, real, seed=0)
-    _, ablation = _evaluate(baseline, prompts, attrs, real, seed=0)
+    _, baseline = _evaluate(caption_only, prompts, attrs, real, seed=0)
+    _, text_baseline = _evaluate(text_embedding, prompts, attrs, real, seed=0)
     real_accuracy = attribute_accuracy(tensor_to_pil(real), attrs)
 
     samples = demo.root / "samples.png"
     shown = min(len(prompts), 16)
     save_grid(images[:shown], prompts[:shown], samples, columns=4)
+    verdict = _verdict(full, baseline)
     report = {
         "held_out_prompts": len(prompts),
         "image_size": pipeline.image_size,
         "unclip": full,
-        "decoder_only_baseline": ablation,
+        "decoder_only_baseline": baseline,
+        "text_embedding_baseline": text_baseline,
         "real_images": {"attribute_accuracy": real_accuracy,
                         "clip_score": clip_score(pipeline, real, prompts)},
-        "targets": {"colour": 0.90, "shape": 0.70},
-        "meets_targets": full["attribute_accuracy"]["colour"] >= 0.90 and full["attribute_accuracy"]["shape"] >= 0.70,
+        "targets": {**TARGETS, "error_ratio_to_baseline": BASELINE_ERROR_RATIO},
+        **verdict,
         "notes": {
             "clip_frechet_distance": (
                 "Frechet distance between generated and real held-out images in the demo CLIP's "
                 "image-embedding space. Not FID: FID needs Inception weights, which cannot be "
                 "downloaded here."
             ),
-            "decoder_only_baseline": "the paper's ablation: the caption's CLIP text embedding fed to the decoder in place of an image embedding",
+            "decoder_only_baseline": (
+                "the paper's caption-only ablation: no prior; the decoder gets the caption and its "
+                "learned null image embedding"
+            ),
+            "text_embedding_baseline": (
+                "the paper's text-embedding ablation: no prior; the caption's CLIP text embedding "
+                "fed to the decoder in place of an image embedding"
+            ),
         },
     }
     path = demo.root / "report.json"

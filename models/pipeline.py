@@ -295,6 +295,22 @@ class UnCLIPPipeline:
         return self.decode(embeds, generator=self.generator(seed), share_noise=True, **decode_kwargs)
 
 
+class CaptionOnly:
+    """Stands in for the prior in the paper's caption-only ablation (sec. 5.1, the first row of
+    its decoder-conditioning figure): the decoder gets the caption and no CLIP embedding. The
+    paper passes a zero vector; this decoder's "no embedding" is its learned null image
+    embedding, the one classifier-free-guidance dropout trained it on."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+
+    @torch.no_grad()
+    def sample(self, text_embed: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The null image embedding `[B, D]` for each of the `B` captions of `text_embed`."""
+        null = self.decoder.null_image_embed.detach().to(text_embed)
+        return null.expand(text_embed.shape[0], -1)
+
+
 def _batch_of_one(image: Tensor) -> Tensor:
     if image.ndim == 3:
         return image[None]
