@@ -29,20 +29,30 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "demo"
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """Sizes of one demo run: samples in the data set and optimizer steps per stage."""
+    """Sizes of one demo run: samples in the data set, optimizer steps per training stage, and
+    the typical seconds of each stage on 2 idle CPU cores (for the ETA)."""
 
     samples: int
     image_size: int
     steps: dict[str, int]
+    expected_s: dict[str, float]
     eval_prompts: int
     nproc: int = 2
 
 
 PRESETS = {
-    "full": Preset(samples=8000, image_size=64, eval_prompts=64,
-                   steps={"clip": 600, "prior": 1500, "decoder": 2500, "upsampler1": 800, "upsampler2": 600}),
-    "quick": Preset(samples=512, image_size=64, eval_prompts=8,
-                    steps={"clip": 30, "prior": 30, "decoder": 30, "upsampler1": 10, "upsampler2": 10}),
+    "full": Preset(
+        samples=8000, image_size=64, eval_prompts=64,
+        steps={"clip": 200, "prior": 250, "decoder": 1100, "upsampler1": 250, "upsampler2": 250},
+        expected_s={"shards": 17, "clip": 85, "export": 6, "precompute": 22, "prior": 82, "decoder": 325,
+                    "upsampler1": 88, "upsampler2": 90, "report": 65},
+    ),
+    "quick": Preset(
+        samples=512, image_size=64, eval_prompts=8,
+        steps={"clip": 20, "prior": 20, "decoder": 20, "upsampler1": 10, "upsampler2": 10},
+        expected_s={"shards": 5, "clip": 35, "export": 8, "precompute": 15, "prior": 25, "decoder": 30,
+                    "upsampler1": 25, "upsampler2": 25, "report": 15},
+    ),
 }
 
 
@@ -84,45 +94,53 @@ class Demo:
             source["embeddings"] = str(embeddings)
         return "data.sources=" + json.dumps([source])
 
-    def _trained(self, stage: str, config: str, sets: Callable[[], list[str]]) -> list[Stage]:
-        """Train `stage` with its demo config, then export its EMA weights."""
+    def _train(self, stage: str, config: str, sets: Callable[[], list[str]]) -> Stage:
+        """Train `stage` with its demo config; done once its run holds a checkpoint at the last step."""
         run_dir, steps = self.runs / stage, self.preset.steps[stage]
 
-        def train_argv() -> list[str]:
+        def argv() -> list[str]:
             overrides = [f"train.steps={steps}", *sets()]
             return _unclip("train", "--config", str(CONFIGS / config), "--run-dir", str(run_dir),
                            "--nproc", str(self.preset.nproc), *[a for o in overrides for a in ("--set", o)])
 
-        done = lambda: self.weight(stage).exists()  # noqa: E731
-        return [
-            Stage(stage, done, train_argv, 30 + steps * 0.1, run_dir / "metrics.jsonl", steps),
-            Stage(f"export {stage}", done, lambda: _unclip("export", str(run_dir), "--out", str(self.weight(stage))), 5),
-        ]
+        done = lambda: self.weight(stage).exists() or _trained_to(run_dir, steps)  # noqa: E731
+        return Stage(stage, done, argv, self.preset.expected_s[stage], run_dir / "metrics.jsonl", steps)
+
+    def _export(self, stages: tuple[str, ...]) -> Stage:
+        """One `unclip export` process for `stages` (their EMA weights into weights/)."""
+        out = self.weight(stages[0]) if len(stages) == 1 else self.weights
+        return Stage(f"export {' '.join(stages)}", lambda: all(self.weight(s).exists() for s in stages),
+                     lambda: _unclip("export", *[str(self.runs / s) for s in stages], "--out", str(out)),
+                     self.preset.expected_s["export"])
 
     def stages(self) -> list[Stage]:
         p = self.preset
         clip = lambda: f"clip.pretrained={self.weight('clip')}"  # noqa: E731
         shards = Stage("shards", lambda: (self.data / "sizes.json").exists(), lambda: _unclip(
             "shards", "--source", "shapes", "--out", str(self.data), "--count", str(p.samples),
-            "--size", str(p.image_size), "--per-shard", str(max(64, p.samples // 8)), "--seed", "0"), 10)
+            "--size", str(p.image_size), "--per-shard", str(max(64, p.samples // 8)), "--seed", "0"),
+            p.expected_s["shards"])
         precompute = Stage("precompute", lambda: (self.embeddings / "_SUCCESS").exists(), lambda: _unclip(
             "precompute", "--config", str(CONFIGS / "precompute.yaml"), "--shards", _shard_pattern(self.data),
-            "--out", str(self.embeddings), "--nproc", str(p.nproc), "--set", clip()), 20)
+            "--out", str(self.embeddings), "--nproc", str(p.nproc), "--set", clip()), p.expected_s["precompute"])
+        with_embeddings = lambda: [self._data(self.embeddings), clip()]  # noqa: E731
         return [
             shards,
-            *self._trained("clip", "clip.yaml", lambda: [self._data()]),
+            self._train("clip", "clip.yaml", lambda: [self._data()]),
+            self._export(("clip",)),
             precompute,
-            *self._trained("prior", "prior.yaml", lambda: [self._data(self.embeddings), clip()]),
-            *self._trained("decoder", "decoder.yaml", lambda: [self._data(self.embeddings), clip()]),
-            *self._trained("upsampler1", "upsampler1.yaml", lambda: [self._data()]),
-            *self._trained("upsampler2", "upsampler2.yaml", lambda: [self._data()]),
+            self._train("prior", "prior.yaml", with_embeddings),
+            self._train("decoder", "decoder.yaml", with_embeddings),
+            self._train("upsampler1", "upsampler1.yaml", lambda: [self._data()]),
+            self._train("upsampler2", "upsampler2.yaml", lambda: [self._data()]),
+            self._export(("prior", "decoder", "upsampler1", "upsampler2")),
         ]
 
     def run(self) -> int:
         self.logs.mkdir(parents=True, exist_ok=True)
         stages = self.stages()
         start = time.monotonic()
-        remaining = sum(s.expected_s for s in stages)
+        remaining = sum(s.expected_s for s in stages) + self.preset.expected_s["report"]
         for i, stage in enumerate(stages, 1):
             head = f"[{i}/{len(stages)}] {stage.name}"
             if stage.done():
@@ -141,6 +159,8 @@ class Demo:
             print(f"{head}: finished in {_fmt(time.monotonic() - t0)}", flush=True)
         from launch.demo_report import write_samples_and_report
 
+        print(f"[{len(stages) + 1}/{len(stages) + 1}] sample and report: running (about {_fmt(remaining)} left "
+              f"in the demo)", flush=True)
         samples, report = write_samples_and_report(self, self.preset)
         print(f"demo finished in {_fmt(time.monotonic() - start)}")
         print(f"samples: {samples}")
@@ -177,6 +197,14 @@ def _watch_progress(stage: Stage, head: str, stop: threading.Event, t0: float) -
             eta = elapsed / step * max(stage.total_steps - step, 0)
             print(f"{head}: step {step}/{stage.total_steps} ({100 * step // stage.total_steps}%), "
                   f"ETA {_fmt(eta)}", flush=True)
+
+
+def _trained_to(run_dir: Path, steps: int) -> bool:
+    """Whether `run_dir` holds a complete checkpoint at step `steps` or later."""
+    from trainer.checkpoint import Checkpoints, read_meta
+
+    latest = Checkpoints(run_dir / "checkpoints", rank=0, world_size=1, keep_last=0).find_latest()
+    return latest is not None and read_meta(latest)["step"] >= steps
 
 
 def _last_step(path: Path) -> int:
