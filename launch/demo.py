@@ -44,7 +44,7 @@ PRESETS = {
     "full": Preset(
         samples=8000, image_size=64, eval_prompts=64,
         steps={"clip": 200, "prior": 250, "decoder": 1100, "upsampler1": 250, "upsampler2": 250},
-        expected_s={"shards": 17, "clip": 85, "export": 6, "precompute": 22, "prior": 82, "decoder": 325,
+        expected_s={"shards": 17, "clip": 85, "export": 6, "precompute": 22, "prior": 82, "decoder": 370,
                     "upsampler1": 88, "upsampler2": 90, "report": 65},
     ),
     "quick": Preset(
