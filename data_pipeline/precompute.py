@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import PrecomputeConfig
-from data_pipeline.decode import Skip, decode_caption, find_image, image_to_uint8, open_image, resize_center_crop, uint8_to_unit_range
+from data_pipeline.decode import Skip, decode_caption, find_image, image_to_uint8, open_image, resize_center_crop
 from data_pipeline.embeddings import EmbeddingManifest, embedding_fields, embedding_shard_url, read_manifest, write_manifest
 from data_pipeline.io import atomic_write, exists, expand_urls, join_url, list_dir, makedirs, mask_url, read_bytes, remove, url_basename
 from data_pipeline.shards import SIZES_MANIFEST
@@ -32,6 +32,7 @@ from data_pipeline.stats import SkipCounter
 from data_pipeline.stream import keep_batch
 from data_pipeline.tario import TarWriter, iter_tar
 from models.clip import ClipAdapter, load_clip_from_config
+from models.images import from_uint8
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ def _embed_shards(cfg: PrecomputeConfig, clip: ClipAdapter, todo: list[str], out
 
 @torch.no_grad()
 def _write_batch(writer: TarWriter, clip: ClipAdapter, item: dict[str, Any], with_encodings: bool) -> None:
-    image_embed = clip.encode_image(uint8_to_unit_range(item["image"].to(clip.device))).cpu().numpy()  # [B, H, W, 3] uint8
+    image_embed = clip.encode_image(from_uint8(item["image"].to(clip.device))).cpu().numpy()  # [B, H, W, 3] uint8
     text_embed, text_encodings, text_mask = (t.cpu().numpy() for t in clip.encode_text(item["tokens"]))
     for i, key in enumerate(item["key"]):
         enc = text_encodings[i] if with_encodings else None

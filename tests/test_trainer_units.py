@@ -138,14 +138,3 @@ def test_zero_dim_parameters_train_as_shape_1_and_export_their_own_shape():
 
     module = StageModule(STAGES["prior"], WithScalar(), StageContext())
     assert module.model.scale.shape == (1,) and module.original_shapes == {"model.scale": ()}
-
-
-def test_sample_grid_layout():
-    from trainer.samples import grid_image
-
-    rows = [torch.full((3, 3, 2, 2), -1.0), torch.full((3, 3, 2, 2), 1.0)]
-    rows[1][1, 0] = -1.0  # second sample: no red
-    img = np.asarray(grid_image(rows))
-    assert img.shape == (4, 6, 3)
-    assert (img[:2] == 0).all() and (img[2:, :2] == 255).all()
-    assert (img[2:, 2:4, 0] == 0).all() and (img[2:, 2:4, 1:] == 255).all()

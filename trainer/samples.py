@@ -13,12 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
+from models.images import grid_of_rows
 from trainer import distributed as dist
 from trainer.ema import merged_state
 
@@ -54,16 +53,6 @@ def keep_for_sampling(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v[:MAX_IMAGES].detach().cpu() for k, v in batch.items() if isinstance(v, Tensor)}
 
 
-def grid_image(rows: list[Tensor]) -> Image.Image:
-    """Rows of images `[n, 3, H, W]` in [-1, 1] (same H, W) -> one RGB image."""
-    n = min(r.shape[0] for r in rows)
-    tiles = torch.stack([r[:n].float().clamp(-1, 1) for r in rows])  # [rows, n, 3, H, W]
-    rows_n, _, _, h, w = tiles.shape
-    pixels = ((tiles + 1) * 127.5).round().to(torch.uint8)
-    canvas = pixels.permute(0, 3, 1, 4, 2).reshape(rows_n * h, n * w, 3)
-    return Image.fromarray(np.ascontiguousarray(canvas.numpy()))
-
-
 def write_grid(
     *, stage: Any, job: Any, ema_state: dict[str, Tensor], shapes: dict[str, tuple[int, ...]],
     buffers: dict[str, Tensor], batch: Optional[dict[str, Any]], out: Path, seed: int,
@@ -80,5 +69,5 @@ def write_grid(
     model.eval()
     rows = SAMPLERS[stage.name](model, batch, torch.Generator().manual_seed(seed))
     out.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(rows).save(out)
+    grid_of_rows(rows).save(out)
     return out
