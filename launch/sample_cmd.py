@@ -13,8 +13,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from launch.cli import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
-from launch.weights import WeightsError, load_pipeline
 from models.images import from_pil, to_pil
+from models.loading import load_pipeline
 
 PROMPT_BATCH = 16
 
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> list[Path]:
 def main(args: argparse.Namespace) -> int:
     try:
         paths = run(args)
-    except (ValueError, WeightsError) as err:
+    except ValueError as err:  # bad input, WeightsError included
         print(f"unclip sample: {err}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as err:

@@ -22,7 +22,7 @@ import torch
 
 from data_pipeline import shapes
 from launch.demo.judge import attribute_accuracy
-from launch.weights import load_pipeline
+from models.loading import load_pipeline
 from models.images import from_pil, grid, to_pil
 from models.pipeline import CaptionOnly, UnCLIPPipeline
 

@@ -201,9 +201,9 @@ def _watch_progress(stage: Stage, head: str, stop: threading.Event, t0: float) -
 
 def _trained_to(run_dir: Path, steps: int) -> bool:
     """Whether `run_dir` holds a complete checkpoint at step `steps` or later."""
-    from trainer.checkpoint import Checkpoints, read_meta
+    from models.weights import find_latest, read_meta
 
-    latest = Checkpoints(run_dir / "checkpoints", rank=0, world_size=1, keep_last=0).find_latest()
+    latest = find_latest(run_dir / "checkpoints")
     return latest is not None and read_meta(latest)["step"] >= steps
 
 

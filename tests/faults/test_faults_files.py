@@ -153,13 +153,13 @@ def test_deepspeed_checkpoint_reads_in_the_code_are_weights_only():
 
 
 def test_exported_weights_load_through_safetensors_only(tmp_path):
-    from trainer.export import load_exported
+    from models.loading import load_stage
 
     marker = tmp_path / "pwned"
     fake = tmp_path / "prior.safetensors"
     torch.save({"w": torch.zeros(1), "evil": Payload(marker)}, fake)  # a pickle wearing a safetensors name
     with pytest.raises(Exception) as err:
-        load_exported(fake)
+        load_stage(fake)
     assert not marker.exists(), f"loading {fake} ran code"
     assert "prior.safetensors" in str(err.value) or "header" in str(err.value).lower()
 
