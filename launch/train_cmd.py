@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+
 from launch.cli import EXIT_OK, EXIT_RUNTIME
 from launch.config_files import dump_config, load_config
 from models import stages
@@ -37,7 +38,8 @@ def load_train_job(config: str, overrides: list[str]) -> TrainJob:
 
 def prepare_run_dir(job: TrainJob, run_dir: Path, *, resume: bool) -> Path:
     """Write RUN_DIR/config.yaml; check a resumed run is compatible (ConfigError if not)."""
-    from trainer.checkpoint import Checkpoints, atomic_write_text, read_meta, resume_problem
+    from models.weights import read_meta
+    from trainer.checkpoint import Checkpoints, atomic_write_text, resume_problem
 
     checkpoints = run_dir / "checkpoints"
     if resume:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer_helpers import (
+from tests.helpers import (
     TINY_DECODER, TINY_PRIOR, env_for_tests, explain, latest_step, losses, mean_loss, merged, train, unclip, write_job,
 )
 

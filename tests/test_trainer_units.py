@@ -21,7 +21,7 @@ from trainer.ema import ShardedEMA
 from trainer.engine import GuardedAdamW, StageModule, deepspeed_config, param_groups
 from trainer.lr import lr_at
 from trainer.synthetic import SyntheticLoader
-from trainer_helpers import TINY_DECODER, TINY_PRIOR, merged
+from tests.helpers import TINY_DECODER, TINY_PRIOR, merged
 
 
 def test_lr_warmup_then_cosine_to_min():

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from models.weights import (
-    BUFFERS, LATEST, META, find_latest, rank_file, read_meta, sha256, step_dir_name, step_dirs, validate,
+    BUFFERS, LATEST, META, find_latest, rank_file, sha256, step_dir_name, step_dirs, validate,
 )
 from trainer import distributed as dist
 

@@ -24,11 +24,12 @@ import torch
 from models import stages
 from models.config import config_to_dict
 from models.stages import StageContext, StageSpec
+from models.weights import read_meta
 from trainer import distributed as dist
 from trainer import rng
-from trainer.checkpoint import Checkpoints, CheckpointError, read_meta, resume_problem, torch_version_info
-from trainer.ema import ShardedEMA
+from trainer.checkpoint import CheckpointError, Checkpoints, resume_problem, torch_version_info
 from trainer.config import TrainJob
+from trainer.ema import ShardedEMA
 from trainer.engine import StageModule, build_engine, count_parameters, resolve_precision, set_lr, skipped_steps
 from trainer.faults import Faults
 from trainer.flops import counted

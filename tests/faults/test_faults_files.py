@@ -15,17 +15,15 @@ import errno
 import json
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for trainer_helpers
 
-from models.config import ConfigError  # noqa: E402
-from trainer.checkpoint import Checkpoints, CheckpointError, resume_problem, validate  # noqa: E402
-from trainer_helpers import TINY_DECODER, TINY_PRIOR, merged, write_job  # noqa: E402
+from models.config import ConfigError
+from trainer.checkpoint import Checkpoints, CheckpointError, resume_problem, validate
+from tests.helpers import TINY_DECODER, TINY_PRIOR, merged, write_job
 
 pytestmark = pytest.mark.faults
 
@@ -255,7 +253,7 @@ def test_a_planted_deepspeed_shard_stops_the_resume_naming_it_and_loses_nothing(
     tell) fails the resume, and the universal conversion a new world size would need, with one
     clear line naming the file; nothing runs and every checkpoint stays as it was."""
     from trainer.checkpoint import convert_to_universal
-    from trainer_helpers import explain, latest_step, train
+    from tests.helpers import explain, latest_step, train
 
     job = merged(TINY_PRIOR, train={**TINY_PRIOR["train"], "steps": 4}, checkpoint={"every_steps": 2, "keep_last": 5})
     config = write_job(tmp_path / "prior.yaml", job)
