@@ -31,6 +31,7 @@ from data_pipeline.stats import SkipCounter
 from data_pipeline.tario import DEFAULT_MAX_MEMBER_BYTES, RawSample, iter_tar
 
 MANIFEST = "embeddings.json"
+SHARD_INDEX = "shards.json"  # every embedding shard's record, merged by precompute
 IMG_EMB, TXT_EMB, TXT_ENC = "img_emb.npy", "txt_emb.npy", "txt_enc.npy"
 JOIN_LOOKAHEAD = 4096  # embedding records held while looking for an image's key
 

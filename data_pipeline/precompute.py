@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.config import PrecomputeConfig
 from data_pipeline.decode import Skip, decode_caption, find_image, image_to_uint8, open_image, resize_center_crop, uint8_to_unit_range
 from data_pipeline.embed_stats import EmbedStats, shard_stats_bytes, shard_stats_from_bytes, write_stats
-from data_pipeline.embeddings import EmbeddingManifest, embedding_fields, embedding_shard_url, read_manifest, write_manifest
+from data_pipeline.embeddings import SHARD_INDEX, EmbeddingManifest, embedding_fields, embedding_shard_url, read_manifest, write_manifest
 from data_pipeline.io import (atomic_write, exists, expand_urls, join_url, list_dir, makedirs, mask_url, read_bytes, remove,
                               size_of, url_basename)
 from data_pipeline.manifests import count_shards
@@ -149,9 +149,6 @@ def _remove_stale_temporaries(out: str, names: set[str]) -> None:
         base, sep, _ = entry.partition(".tmp-")
         if sep and base in names:
             remove(join_url(out, entry))
-
-
-SHARD_INDEX = "shards.json"  # name -> its sidecar: what `unclip check` compares, in one read
 
 
 def merge_sizes(out: str) -> dict[str, int]:

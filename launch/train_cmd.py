@@ -58,12 +58,24 @@ def prepare_run_dir(job: Any, run_dir: Path, *, resume: bool) -> Path:
     return path
 
 
+def preflight(path: str, job: Any, *, world_size: int) -> None:
+    """`unclip check` of this job's data (cheap: listings and manifests); ConfigError naming
+    every problem, before any rank starts."""
+    from launch.check_cmd import check_configs, preflight_job
+
+    report = check_configs([(path, job)])
+    report.extend(preflight_job(path, job, world_size=world_size))
+    if report.problems:
+        raise ConfigError("preflight (`unclip check`) found problems:\n  " + "\n  ".join(report.problems))
+
+
 def main(args: argparse.Namespace) -> int:
     from launch.launchers import run_local, worker_args
 
     job = load_train_job(args.config, [*args.overrides, *metrics_overrides(args)])
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1 (got {args.nproc})")
+    preflight(args.config, job, world_size=args.nproc)
     run_dir = Path(args.run_dir or Path("runs") / job.name)
     config = prepare_run_dir(job, run_dir, resume=not args.no_resume)
     print(f"[unclip train] {job.stage} job {job.name!r}: {args.nproc} rank(s), run directory {run_dir}", flush=True)
