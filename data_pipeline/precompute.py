@@ -100,7 +100,9 @@ class _ShardBatches(IterableDataset):
         for shard in self.shards[worker::workers]:
             skips = SkipCounter()
             keys, images, captions = [], [], []
+            first_key = None
             for raw in iter_tar(shard, skips):
+                first_key = raw.key if first_key is None else first_key
                 try:
                     caption = decode_caption(raw.fields)
                     img = resize_center_crop(open_image(find_image(raw.fields), draft_size=self.image_size), self.image_size)
@@ -115,7 +117,8 @@ class _ShardBatches(IterableDataset):
                     keys, images, captions = [], [], []
             if keys:
                 yield self._batch(shard, keys, images, captions)
-            yield {"shard": shard, "final": True, "skipped": skips.as_dict(), "source_bytes": _size_or_none(shard)}
+            yield {"shard": shard, "final": True, "skipped": skips.as_dict(), "source_bytes": _size_or_none(shard),
+                   "source_first_key": first_key}
 
     def _batch(self, shard: str, keys: list, images: list, captions: list) -> dict[str, Any]:
         return {"shard": shard, "final": False, "key": keys, "image": torch.from_numpy(np.stack(images)), "caption": captions,
@@ -225,6 +228,10 @@ def run_precompute(
     skips, samples, written = SkipCounter(), 0, 0
     if todo:
         samples, written = _embed_shards(cfg, clip, todo, out, skips, progress and rank == 0, on_batch, on_progress)
+    if cfg.format == "clip-retrieval":
+        from data_pipeline.clip_retrieval_export import export_parts
+
+        export_parts(out, urls, mine, clip.embed_dim)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         if rank == 0:
@@ -302,7 +309,7 @@ def _finish_shard(writer: TarWriter, final: dict[str, Any], stats: dict[str, Emb
     writer.finish()
     keys = writer.keys
     record = {"count": writer.count, "skipped": skipped, "source": url_basename(final["shard"]),
-              "source_bytes": final.get("source_bytes"), "bytes": writer.size,
+              "source_bytes": final.get("source_bytes"), "source_first_key": final.get("source_first_key"), "bytes": writer.size,
               "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None,
               "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()}
     with atomic_write(writer.url + ".stats.npy", "wb") as f:

@@ -7,7 +7,8 @@ and `stats.json`), never a shard's contents. Every problem is named, none stops 
 - every shard URL the stage reads is there, and counted (from the manifests);
 - epoch mode: at least ranks x loader workers shards per source (else resampling);
 - embedding shards aligned with the image shards: none missing, none computed from another
-  image shard (a reordered or renamed one), none rewritten since, counts equal;
+  image shard (a reordered or renamed one), none rewritten since (sizes against precompute's
+  records; first keys of a spread of shards: one tar header each), counts equal;
 - the CLIP that precompute recorded (model, embedding width D, text width W, context) is the
   one the stage expects; the embedding statistics exist where the stage asks for them.
 """
@@ -22,11 +23,15 @@ from typing import Optional
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.embed_stats import read_stats
 from data_pipeline.embeddings import SHARD_INDEX, NpyRows, read_manifest
-from data_pipeline.io import exists, expand_urls, join_url, list_dir, list_sizes, mask_url, read_bytes, url_basename, url_dirname
+from data_pipeline.io import (exists, expand_urls, join_url, list_dir, list_sizes, mask_url, open_url, read_bytes, url_basename,
+                              url_dirname)
 from data_pipeline.manifests import READ_THREADS, count_shards
+from data_pipeline.tario import split_key
+from data_pipeline.tarstream import TarFormatError, TarStream
 
 EMBED_FIELDS = frozenset({"image_embed", "text_embed", "text_encodings", "text_mask"})
 NAMED = 5  # names listed per kind of problem; the rest are counted
+KEY_SAMPLE = 64  # embedding shards whose first key is read (one header each), spread evenly
 
 
 @dataclasses.dataclass
@@ -119,8 +124,10 @@ def _reachable(url: str) -> bool:
         return False
 
 
-def check_data(cfg: DataConfig, *, want: frozenset, world_size: int, expect: Optional[ClipExpectation] = None) -> Report:
-    """Everything wrong with `cfg` for a stage reading the fields `want` on `world_size` ranks."""
+def check_data(cfg: DataConfig, *, want: frozenset, world_size: int, expect: Optional[ClipExpectation] = None,
+               key_sample: Optional[int] = KEY_SAMPLE) -> Report:
+    """Everything wrong with `cfg` for a stage reading the fields `want` on `world_size` ranks.
+    `key_sample`: how many embedding shards (spread evenly) have their first keys read (None: all)."""
     report = Report()
     workers = max(1, cfg.num_workers)
     for i, src in enumerate(cfg.sources):
@@ -128,7 +135,7 @@ def check_data(cfg: DataConfig, *, want: frozenset, world_size: int, expect: Opt
         if src.format == "clip-retrieval":
             units = _check_clip_retrieval(key, src, want, expect, report)
         else:
-            units = _check_webdataset(key, src, want, expect, report)
+            units = _check_webdataset(key, src, want, expect, report, key_sample)
         if units and not cfg.resampled and units < world_size * workers:
             report.problem(f"{key}: {units} shard(s) cannot be split across {world_size} rank(s) x {workers} "
                            f"worker(s) in epoch mode; write more shards, use fewer workers, or set data.resampled: true")
@@ -136,7 +143,7 @@ def check_data(cfg: DataConfig, *, want: frozenset, world_size: int, expect: Opt
 
 
 def _check_webdataset(key: str, src: SourceConfig, want: frozenset, expect: Optional[ClipExpectation],
-                      report: Report) -> int:
+                      report: Report, key_sample: Optional[int]) -> int:
     urls = expand_urls(src.shards)
     if not urls:
         report.problem(f"{key}.shards: no shard URLs in {src.shards!r}")
@@ -156,12 +163,12 @@ def _check_webdataset(key: str, src: SourceConfig, want: frozenset, expect: Opti
                        f"written by `unclip precompute`")
         return len(urls)
     folder = src.embeddings if isinstance(src.embeddings, str) else src.embeddings[0]
-    _check_embeddings(f"{key}.embeddings", folder, urls, listings, counts, want, expect, report)
+    _check_embeddings(f"{key}.embeddings", folder, urls, listings, counts, want, expect, report, key_sample)
     return len(urls)
 
 
 def _check_embeddings(key: str, folder: str, urls: list[str], listings: dict, counts, want: frozenset,
-                      expect: Optional[ClipExpectation], report: Report) -> None:
+                      expect: Optional[ClipExpectation], report: Report, key_sample: Optional[int]) -> None:
     where = mask_url(folder)
     try:
         manifest = read_manifest(folder)
@@ -194,7 +201,7 @@ def _check_embeddings(key: str, folder: str, urls: list[str], listings: dict, co
         report.note(f"{key}: {where} has no {SHARD_INDEX} (written by an older precompute): alignment checked by "
                     f"names only")
     else:
-        _check_alignment(key, folder, urls, have, files, index, listings, counts, report)
+        _check_alignment(key, folder, urls, have, files, index, listings, counts, report, key_sample, "image" in want)
     if expect is not None and expect.wants_stats:
         stats = read_stats(folder)
         if stats is None:
@@ -219,10 +226,47 @@ def _shard_index(folder: str, files: dict[str, int]) -> Optional[dict]:
         return None
 
 
+def first_key(url: str) -> Optional[str]:
+    """The key of the first member of the tar at `url`: one header read, not the shard."""
+    try:
+        with open_url(url) as f:
+            for member in TarStream(f).members():
+                return split_key(member.name)[0]
+    except (OSError, TarFormatError, EOFError):
+        return None
+    return None
+
+
+def spot_checked(names: list[str], sample: Optional[int]) -> list[str]:
+    """The shards whose first keys are read: all (`sample` None) or `sample` spread evenly."""
+    if sample is None or len(names) <= sample:
+        return names
+    step = (len(names) - 1) / max(sample - 1, 1)
+    return list(dict.fromkeys(names[round(i * step)] for i in range(sample)))
+
+
+def _first_keys(urls: list[str]) -> dict[str, Optional[str]]:
+    with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+        return dict(zip(urls, pool.map(first_key, urls)))
+
+
 def _check_alignment(key: str, folder: str, urls: list[str], have: list[str], files: dict[str, int], index: dict,
-                     listings: dict, counts, report: Report) -> None:
+                     listings: dict, counts, report: Report, key_sample: Optional[int], read_images: bool) -> None:
     by_name = dict(zip((url_basename(u) for u in urls), urls))
     unrecorded, moved, rewritten, changed, miscounted = [], [], [], [], []
+    # keys: the first key of a spread of embedding shards (and of their image shards, where the
+    # stage reads them) against what precompute recorded: finds shards swapped or rewritten
+    # whose sizes happen to agree
+    sampled = [n for n in spot_checked(have, key_sample) if n in index]
+    emb_keys = _first_keys([join_url(folder, n) for n in sampled])
+    img_keys = _first_keys([by_name[n] for n in sampled]) if read_images else {}
+    for name in sampled:
+        record, found = index[name], emb_keys[join_url(folder, name)]
+        if record.get("first_key") is not None and found is not None and found != record["first_key"]:
+            rewritten.append(f"{name} (first key {found!r}, recorded {record['first_key']!r})")
+        found = img_keys.get(by_name[name])
+        if record.get("source_first_key") is not None and found is not None and found != record["source_first_key"]:
+            changed.append(f"{name} (first key {found!r}, {record['source_first_key']!r} then)")
     for name in have:
         record = index.get(name)
         if record is None:
@@ -230,11 +274,13 @@ def _check_alignment(key: str, folder: str, urls: list[str], have: list[str], fi
             continue
         if record.get("source", name) != name:
             moved.append(f"{name} (computed from {record['source']})")
-        if record.get("bytes") is not None and record["bytes"] != files[name]:
+        if record.get("bytes") is not None and record["bytes"] != files[name] and not any(
+                r.startswith(f"{name} ") for r in rewritten):
             rewritten.append(f"{name} ({record['bytes']} bytes recorded, {files[name]} now)")
         url = by_name[name]
         image_bytes = listings.get(url_dirname(url), {}).get(name)
-        if record.get("source_bytes") is not None and image_bytes is not None and image_bytes != record["source_bytes"]:
+        if record.get("source_bytes") is not None and image_bytes is not None and image_bytes != record["source_bytes"] \
+                and not any(r.startswith(f"{name} ") for r in changed):
             changed.append(f"{name} ({record['source_bytes']} bytes then, {image_bytes} now)")
         image_count = counts.shards[url].samples
         embedded = record["count"] + sum(record.get("skipped", {}).values())
@@ -244,7 +290,7 @@ def _check_alignment(key: str, folder: str, urls: list[str], have: list[str], fi
     where = mask_url(folder)
     for items, text in ((unrecorded, f"not in {where}/{SHARD_INDEX} (precompute did not finish them)"),
                         (moved, "computed from another image shard: reordered or renamed"),
-                        (rewritten, "not the file precompute wrote: swapped or rewritten since"),
+                        (rewritten, "not what precompute wrote there: swapped, reordered or rewritten since"),
                         (changed, "image shard changed since its embeddings were computed"),
                         (miscounted, "counts differ between the image shard and its embeddings")):
         if items:

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="local processes")
     p.add_argument("--rank", type=int, help="this job's index in a job array")
     p.add_argument("--world-size", type=int, help="size of the job array")
+    p.add_argument("--format", choices=["webdataset", "clip-retrieval"],
+                   help="clip-retrieval: also write img_emb/, text_emb/, metadata/ (clip-retrieval's layout)")
     _add_overrides(p)
     _add_metrics(p)
 
