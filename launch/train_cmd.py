@@ -34,7 +34,29 @@ def load_train_job(config: str, overrides: list[str]) -> Any:
     job = load_config(config, overrides)
     if getattr(job, "stage", None) not in TRAIN_JOBS:
         raise ConfigError(f"{config}: stage {job.stage!r} is not a training stage ({', '.join(TRAIN_JOBS)})")
-    return job
+    return resolve_embedding_scale(job)
+
+
+def resolve_embedding_scale(job: Any) -> Any:
+    """`model.image_embed_scale: stats` -> 1 / (mean per-dimension std) of the image embeddings
+    in the first source's `stats.json` (written by precompute); the number is what the run's
+    config.yaml and checkpoints record."""
+    import dataclasses
+
+    from data_pipeline.embed_stats import read_stats
+
+    if getattr(job.model, "image_embed_scale", None) != "stats":
+        return job
+    folders = [s.embeddings for s in (job.data.sources if job.data else []) if s.embeddings is not None]
+    if not folders:
+        raise ConfigError("model.image_embed_scale: stats needs data.sources[].embeddings (precompute's folder)")
+    folder = folders[0] if isinstance(folders[0], str) else folders[0][0]
+    stats = read_stats(folder)
+    if stats is None:
+        raise ConfigError(f"model.image_embed_scale: stats: {folder} has no stats.json (precompute again with this version)")
+    std = stats["image_embed"]["std"]
+    scale = len(std) / sum(std)
+    return dataclasses.replace(job, model=dataclasses.replace(job.model, image_embed_scale=scale))
 
 
 def prepare_run_dir(job: Any, run_dir: Path, *, resume: bool) -> Path:

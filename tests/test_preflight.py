@@ -152,3 +152,31 @@ def test_train_refuses_bad_data_before_any_rank_starts(dataset, tmp_path):
     assert "preflight (`unclip check`) found problems" in done.stderr and "shard-000003.tar" in done.stderr
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
     assert yaml.safe_load((emb / "embeddings.json").read_text())["embed_dim"] == 64
+
+
+def test_a_prior_asking_for_the_embedding_statistics_is_scaled_by_them(dataset, tmp_path):
+    from data_pipeline.embed_stats import read_stats
+    from launch.train_cmd import load_train_job
+    from models.config import ConfigError
+
+    root, shards = dataset
+    job = {"stage": "prior", "name": "p", "clip": {"name": "unclip-tiny"},
+           "model": {"embed_dim": 64, "text_width": 64, "max_text_len": 32, "image_embed_scale": "stats"},
+           "data": {"sources": [{"shards": shards, "embeddings": str(root / "emb")}]}}
+    resolved = load_train_job(str(write_job(tmp_path / "p.yaml", job)), [])
+    std = read_stats(str(root / "emb"))["image_embed"]["std"]
+    assert resolved.model.image_embed_scale == pytest.approx(64 / sum(std))
+    from models.prior import DiffusionPrior
+
+    assert DiffusionPrior(resolved.model).scale == pytest.approx(64 / sum(std))
+    emb = tmp_path / "emb"
+    shutil.copytree(root / "emb", emb)
+    os.remove(emb / "stats.json")
+    job["data"]["sources"][0]["embeddings"] = str(emb)
+    with pytest.raises(ConfigError, match="no stats.json"):
+        load_train_job(str(write_job(tmp_path / "p.yaml", job)), [])
+    from launch.check_cmd import preflight_job
+    from launch.config_files import load_config
+
+    report = preflight_job("p.yaml", load_config(tmp_path / "p.yaml"), world_size=1)
+    assert any("normalises by the embedding statistics, but" in p and "has no stats.json" in p for p in report.problems)
