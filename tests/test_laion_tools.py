@@ -138,9 +138,9 @@ def test_img2dataset_shards_are_counted_and_their_failed_downloads_reported(down
 
 
 def decoder_job(tars: list[str], emb: Path) -> dict:
-    model = {**TINY_DECODER["model"], "image_size": 16, "image_embed_dim": 64, "text_width": 64, "max_text_len": 32}
+    model = {**TINY_DECODER["model"], "image_embed_dim": 64, "text_width": 64, "max_text_len": 32}
     return merged(TINY_DECODER, model=model, clip={"name": "unclip-tiny"},
-                  data={"sources": [{"shards": tars, "embeddings": str(emb)}], "image_size": 16, "num_workers": 0,
+                  data={"sources": [{"shards": tars, "embeddings": str(emb)}], "image_size": 8, "num_workers": 0,
                         "shuffle_buffer": 8},
                   train={"steps": 4, "micro_batch_size": 4, "log_every": 1, "seed": 0},
                   deepspeed={"zero_stage": 2, "timeout_s": 60}, checkpoint={"every_steps": 4, "keep_last": 1})
