@@ -36,9 +36,9 @@ def stage_expectation(job: Any) -> Optional[ClipExpectation]:
 
 
 def stage_wants(job: Any) -> frozenset:
-    from trainer.stages import get_stage
+    from models import stages
 
-    return frozenset(get_stage(job.stage).wants(job))
+    return frozenset(stages.get(job.stage).fields(job))
 
 
 def clip_widths(name: str) -> Optional[tuple[int, int, int]]:

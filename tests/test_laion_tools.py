@@ -29,8 +29,8 @@ from data_pipeline.embeddings import IMG_EMB, TXT_EMB
 from data_pipeline.stats import SkipCounter
 from data_pipeline.stream import build_loader
 from data_pipeline.tario import iter_tar
-from laion_tools import run, tools_python
-from trainer_helpers import TINY_DECODER, TINY_PRIOR, explain, latest_step, losses, merged, train, unclip, write_job
+from tests.laion_tools import run, tools_python
+from tests.helpers import TINY_DECODER, TINY_PRIOR, explain, latest_step, losses, merged, train, unclip, write_job
 
 pytestmark = pytest.mark.slow
 

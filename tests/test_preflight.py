@@ -19,7 +19,7 @@ from data_pipeline.stats import SkipCounter
 from data_pipeline.tario import TarWriter, iter_tar
 from launch.config_files import load_raw
 from models.clip import ClipConfig, load_clip
-from trainer_helpers import explain, unclip, write_job
+from tests.helpers import explain, unclip, write_job
 
 DECODER_WANTS = frozenset({"image", "image_embed", "text_encodings", "text_mask"})
 TINY = ClipExpectation("unclip-tiny", None, 64, 64, 32)
