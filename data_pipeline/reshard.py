@@ -55,6 +55,18 @@ class _Plan:
         self.tails: list[dict] = []
         self.carried: list[list[Piece]] = [[] for _ in plans]  # older layouts' pieces first
         self.by_epoch: dict[int, list[list[Piece]]] = collections.defaultdict(lambda: [[] for _ in plans])
+        self._orders: dict[tuple[int, int], list[str]] = {}  # (source, epoch) -> the epoch's permutation
+
+    def dealt(self, i: int, *, slot: int, total_slots: int, epoch: int, gen: int) -> list[str]:
+        """`dealt_units`, with each epoch's permutation computed once for all old slots."""
+        plan = self.plans[i]
+        if self.resampled:
+            return dealt_units(plan, seed=self.seed, slot=slot, total_slots=total_slots, epoch=epoch, resampled=True,
+                               gen=gen)
+        if (i, epoch) not in self._orders:
+            self._orders[(i, epoch)] = dealt_units(plan, seed=self.seed, slot=0, total_slots=1, epoch=epoch,
+                                                   resampled=False)
+        return self._orders[(i, epoch)][slot::total_slots]
 
     def add_stream(self, state: dict, desc: dict, epoch: Optional[int]) -> None:
         """The rest of one stream's pass (its tail and pieces). `desc`: how the stream deals
@@ -72,14 +84,13 @@ class _Plan:
         if state["emitted"] < block_len:
             self.tails.append({**desc, **{k: state[k] for k in ("epoch", "block", "emitted", "cursors")}})
         target = self.carried if epoch is None else self.by_epoch[epoch]
-        for i, plan in enumerate(self.plans):
+        for i in range(len(self.plans)):
             cursor = read_to[i] or {"epoch": 0 if self.resampled else state["epoch"], "unit": 0, "offset": 0}
             if desc.get("pieces") is not None:
                 units = desc["pieces"][i]
             else:
-                units = [[u, 0] for u in dealt_units(plan, seed=self.seed, slot=desc["slot"], epoch=cursor["epoch"],
-                                                     total_slots=desc["total_slots"], resampled=self.resampled,
-                                                     gen=desc["gen"])]
+                units = [[u, 0] for u in self.dealt(i, slot=desc["slot"], total_slots=desc["total_slots"],
+                                                    epoch=cursor["epoch"], gen=desc["gen"])]
             unbegun_draw = self.resampled and desc.get("pieces") is None and (cursor["unit"], cursor["offset"]) == (0, 0)
             if cursor["unit"] < len(units) and not unbegun_draw:
                 url, first = units[cursor["unit"]]
@@ -88,9 +99,9 @@ class _Plan:
 
     def add_epoch(self, slot: int, total_slots: int, epoch: int) -> None:
         """A whole epoch's deal of one old slot that had not begun it."""
-        for i, plan in enumerate(self.plans):
-            self.by_epoch[epoch][i].extend([u, 0] for u in dealt_units(plan, seed=self.seed, slot=slot, epoch=epoch,
-                                                                       total_slots=total_slots, resampled=False))
+        for i in range(len(self.plans)):
+            self.by_epoch[epoch][i].extend([u, 0] for u in self.dealt(i, slot=slot, total_slots=total_slots,
+                                                                      epoch=epoch, gen=0))
 
     def pieces(self) -> list[list[Piece]]:
         """Per source: carried pieces, then each epoch's in order; known-empty pieces dropped."""
