@@ -235,7 +235,7 @@ def test_prior_trains_on_clip_retrievals_own_output_and_resumes_at_another_world
             assert batch["caption"][j] == caption
             np.testing.assert_array_equal(batch["image_embed"][j].numpy(), image_embed.astype(np.float32))
             seen[key] += 1
-    assert seen == collections.Counter(truth)
+    assert seen == collections.Counter(truth.keys())
     # 2 ranks, a checkpoint by time only (every step here: all ranks agree, or one would hang in
     # the save), then resumed on 1 rank: the data position of both old ranks is carried over
     model = {**TINY_PRIOR["model"], "embed_dim": 64, "use_text_encodings": False}
