@@ -214,6 +214,14 @@ def exists(url: str) -> bool:
     return with_retries(lambda: fs.exists(path), f"stat {mask_url(url)}")
 
 
+def size_of(url: str) -> Optional[int]:
+    """The size in bytes of the file at `url` (None for http(s), where it costs a request)."""
+    if _is_http(url):
+        return None
+    fs, path = fsspec.core.url_to_fs(url)
+    return int(with_retries(lambda: fs.size(path), f"stat {mask_url(url)}"))
+
+
 def makedirs(url: str) -> None:
     fs, path = fsspec.core.url_to_fs(url)
     fs.makedirs(path, exist_ok=True)
@@ -225,6 +233,18 @@ def list_dir(url: str) -> list[str]:
     if not fs.exists(path):
         return []
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def list_sizes(url: str) -> dict[str, int]:
+    """Name -> size in bytes of the files in folder `url` (one listing; empty if it does not exist)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return {}
+    out = {}
+    for entry in fs.ls(path, detail=True):
+        if entry.get("type", "file") == "file":
+            out[posixpath.basename(entry["name"].rstrip("/"))] = int(entry.get("size") or 0)
+    return out
 
 
 def remove(url: str) -> None:
