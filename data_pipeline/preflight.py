@@ -28,23 +28,11 @@ from data_pipeline.io import (exists, expand_urls, join_url, list_dir, list_size
 from data_pipeline.manifests import READ_THREADS, count_shards
 from data_pipeline.tario import split_key
 from data_pipeline.tarstream import TarFormatError, TarStream
+from models.clip import ClipExpectation
 
 EMBED_FIELDS = frozenset({"image_embed", "text_embed", "text_encodings", "text_mask"})
 NAMED = 5  # names listed per kind of problem; the rest are counted
 KEY_SAMPLE = 64  # embedding shards whose first key is read (one header each), spread evenly
-
-
-@dataclasses.dataclass
-class ClipExpectation:
-    """The CLIP a stage's config expects its embeddings from; `where` names the config keys."""
-
-    name: Optional[str]
-    pretrained: Optional[str]
-    embed_dim: int
-    text_width: Optional[int]  # None: the stage reads no per-token encodings
-    max_text_len: Optional[int]
-    wants_stats: bool = False
-    where: dict[str, str] = dataclasses.field(default_factory=dict)  # field -> config key
 
 
 @dataclasses.dataclass

@@ -9,50 +9,23 @@ Exit 0 when nothing is wrong, 2 with every problem named.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any, Optional
 
-from data_pipeline.preflight import ClipExpectation, Report, compare_clip
-
-EXIT_OK, EXIT_USAGE = 0, 2
+from data_pipeline.preflight import Report, compare_clip
+from launch.cli import EXIT_OK, EXIT_USAGE
+from models import stages
+from models.clip import ClipExpectation, architecture_widths
 
 
 def stage_expectation(job: Any) -> Optional[ClipExpectation]:
-    """The CLIP a training job expects its embeddings from (None: it reads no embeddings)."""
-    model = job.model
-    if job.stage == "prior":
-        dim, where_dim = model.embed_dim, "model.embed_dim"
-    elif job.stage == "decoder":
-        dim, where_dim = model.image_embed_dim, "model.image_embed_dim"
-    else:
-        return None
-    uses_text = bool(getattr(model, "use_text_encodings", False))
-    return ClipExpectation(job.clip.name, job.clip.pretrained, dim, model.text_width if uses_text else None,
-                           model.max_text_len if uses_text else None,
-                           wants_stats=getattr(model, "image_embed_scale", None) == "stats",
-                           where={"embed_dim": where_dim, "name": "clip.name", "pretrained": "clip.pretrained",
-                                  "text_width": "model.text_width", "max_text_len": "model.max_text_len"})
+    """The CLIP a training job expects its embeddings from (its spec's; None: it reads none)."""
+    spec = stages.get(job.stage)
+    return spec.embeddings(job) if spec.embeddings is not None else None
 
 
 def stage_wants(job: Any) -> frozenset:
-    from models import stages
-
     return frozenset(stages.get(job.stage).fields(job))
-
-
-def clip_widths(name: str) -> Optional[tuple[int, int, int]]:
-    """(embedding width D, text width W, context length L) of an open_clip architecture, from
-    its config alone (no weights); None for a name open_clip has no config for."""
-    import open_clip
-
-    import models.clip  # noqa: F401  (registers the tiny architectures)
-
-    cfg = open_clip.get_model_config(name)
-    if not cfg:
-        return None
-    text = cfg.get("text_cfg", {})
-    return int(cfg["embed_dim"]), int(text.get("width", 512)), int(text.get("context_length", 77))
 
 
 def _reads_embeddings(job: Any) -> bool:
@@ -67,13 +40,13 @@ def check_configs(jobs: list[tuple[str, Any]]) -> Report:
         expect = stage_expectation(job) if job.stage != "precompute" else None
         if expect is None or job.data is None:
             continue
-        widths = clip_widths(job.clip.name)
+        widths = architecture_widths(job.clip.name)
         if widths is not None:
             for text in compare_clip(expect, name=job.clip.name, pretrained=None, embed_dim=widths[0],
                                      text_width=widths[1], context_length=widths[2], source=f"its clip.name"):
                 report.problem(f"{path}: {text}")
         for pre_path, pre in precomputes:
-            widths = clip_widths(pre.clip.name)
+            widths = architecture_widths(pre.clip.name)
             if widths is None:
                 report.note(f"{pre_path}: open_clip has no config for {pre.clip.name}: its widths are checked "
                             f"against the embeddings' manifest only")
@@ -108,18 +81,13 @@ def print_report(path: str, report: Report, file=sys.stdout) -> None:
         print(f"  {line}", file=file)
 
 
-def default_world_size() -> int:
-    for name in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 1
-
-
 def main(args: argparse.Namespace) -> int:
     from launch.config_files import load_config
 
     jobs = [(path, load_config(path, args.overrides)) for path in args.config]
-    world_size = args.world_size or default_world_size()
+    from trainer.distributed import world_info_from_env
+
+    world_size = args.world_size or world_info_from_env().world_size
     total = Report()
     configs = check_configs(jobs)
     if configs.problems or configs.notes:
