@@ -133,7 +133,8 @@ def test_precompute_of_a_hostile_shard_writes_only_inside_its_output_folder(tmp_
     outside = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if out not in p.parents and p != out)
     assert outside == ["deep", "images", "images/hostile-000000.tar"]
     assert sorted(os.listdir(out)) == ["_SUCCESS", "embeddings.json", "hostile-000000.tar",
-                                       "hostile-000000.tar.json", "sizes.json"]
+                                       "hostile-000000.tar.json", "hostile-000000.tar.stats.npy",
+                                       "shards.json", "sizes.json", "stats.json"]
 
 
 def test_a_member_over_the_byte_limit_is_skipped_without_being_read(tmp_path):
