@@ -47,9 +47,9 @@ def _add_metrics(p: argparse.ArgumentParser) -> None:
 
 
 def _add_slurm(p: argparse.ArgumentParser, cpus: str) -> None:
-    p.add_argument("--time", default="24:00:00", help="SLURM: time limit (MM, HH:MM:SS, D-HH:MM:SS)")
-    p.add_argument("--partition", help="SLURM: partition")
-    p.add_argument("--account", help="SLURM: account")
+    p.add_argument("--time", default="24:00:00", metavar="T", help="SLURM: time limit (MM, HH:MM:SS, D-HH:MM:SS)")
+    p.add_argument("--partition", metavar="P", help="SLURM: partition")
+    p.add_argument("--account", metavar="A", help="SLURM: account")
     p.add_argument("--cpus-per-task", type=int, metavar="C", help=f"SLURM: CPUs per task ({cpus})")
     p.add_argument("--mem", metavar="SIZE", help="SLURM: memory per task, e.g. 64G (sbatch --mem; default: the partition's)")
 
@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, metavar="N", help="local processes; ranks per node (torchrun, SLURM CPU nodes)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--hostfile", metavar="F", help="DeepSpeed hostfile")
-    where.add_argument("--slurm", action="store_true", help="write an sbatch script")
+    where.add_argument("--slurm", action="store_true",
+                       help="write and submit an sbatch script (GPU nodes; CPU nodes with --gpus-per-node 0 --nproc N)")
     p.add_argument("--nnodes", type=int, metavar="N", help="torchrun: number of nodes")
     p.add_argument("--node-rank", type=int, metavar="R", help="torchrun: this node's rank")
     p.add_argument("--master-addr", metavar="A", help="torchrun: rendezvous host")

@@ -12,10 +12,11 @@ a preempted job back in the queue. Before the time limit SLURM signals the batch
 (`--signal=B:USR1@LEAD`), which has SLURM send SIGTERM to the ranks, waits for the checkpoint
 and requeues the job itself. A requeued job resumes from `RUN_DIR/checkpoints/latest`.
 
-SLURM's own timing (slurm.conf(5), sbatch(1)): time limits and the warning signal are checked
-every 30 s, so the signal comes up to 30 s before LEAD seconds ahead of the limit (keep LEAD
-above the time a checkpoint takes); a requeued job waits `AuthInfo=cred_expire` (120 s by
-default) before it may start again.
+SLURM's own timing (measured on 22.05; sbatch(1) allows up to 60 s): slurmctld checks time
+limits and warnings every 30 s and sends the warning at the first check at most 30 s before
+it is due, so it comes LEAD to LEAD+30 s before the limit (keep LEAD above a checkpoint's
+duration); a requeued job may start again only after `AuthInfo=cred_expire` (120 s by
+default).
 """
 
 from __future__ import annotations
@@ -117,8 +118,7 @@ class SlurmSpec:
                              f"nodes (--gpus-per-node 0), here --gpus-per-node is {self.gpus_per_node}")
         if self.ranks_per_node is not None and self.ranks_per_node < 1:
             raise ValueError(f"SLURM: --nproc (ranks per node) must be >= 1 (got {self.ranks_per_node})")
-        self.resources  # validates the limit and the task's size
-        limit = time_limit_seconds(self.time)
+        limit = time_limit_seconds(self.resources.time)  # building the resources validates them
         if not 0 < self.signal_lead_s <= MAX_SIGNAL_LEAD_S or (limit is not None and self.signal_lead_s >= limit):
             raise ValueError(f"SLURM: --signal-lead {self.signal_lead_s} s must be > 0 and shorter than --time "
                              f"{self.time} (and at most {MAX_SIGNAL_LEAD_S})")

@@ -8,7 +8,9 @@ CPU node (`--gpus-per-node 0 --nproc 2`): 2 ranks of real DeepSpeed over gloo.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 import sys
 import time
@@ -18,8 +20,9 @@ from typing import Callable
 import pytest
 
 from data_pipeline.shards import write_shards
-from launch.launchers import free_port
 from launch.cli import main as unclip_main
+from launch.launchers import free_port
+from slurm_cluster import TIME_CHECK_PERIOD_S
 from test_trainer_run import assert_same, ema_shards, fp32_weights
 from trainer_helpers import TINY_PRIOR, explain, latest_step, losses, merged, unclip, write_job
 
@@ -55,15 +58,17 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, context: 
         time.sleep(0.1)
 
 
-def has_checkpoint(run_dir: Path, at_least: int) -> bool:
-    return (run_dir / "checkpoints" / "latest").exists() and latest_step(run_dir) >= at_least
-
-
 def stops_and_resumes(log: str) -> tuple[list[int], list[int]]:
     """The steps each run saved at on a stop request, and the steps each run resumed at."""
     stops = [int(s) for s in re.findall(r"stop requested \(signal\): saving a checkpoint at step (\d+)", log)]
     resumes = [int(s) for s in re.findall(r"resumed from \S+ \(step (\d+),", log)]
     return stops, resumes
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """The steps of RUN_DIR/metrics.jsonl in the order they were logged, across restarts."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "unclip_loss" in r]
 
 
 def assert_ends_like(run_dir: Path, reference: Path) -> None:
@@ -74,11 +79,18 @@ def assert_ends_like(run_dir: Path, reference: Path) -> None:
     assert losses(run_dir) == losses(reference)
 
 
-@pytest.fixture(scope="module")
-def reference(slurm, tmp_path_factory):
-    """The uninterrupted run, under SLURM: (config, run dir, seconds from job start to step 1,
-    optimizer steps per second)."""
-    root = tmp_path_factory.mktemp("slurm-reference")
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """The uninterrupted run under SLURM, and how fast this machine ran it."""
+
+    config: Path
+    run_dir: Path
+    job: int
+    startup_s: float  # from the job's start to its first optimizer step
+    steps_per_s: float
+
+
+def reference_run(slurm, root: Path) -> Reference:
     config = write_job(root / "prior.yaml", JOB)
     run_dir = root / "run"
     started = time.monotonic()
@@ -86,19 +98,19 @@ def reference(slurm, tmp_path_factory):
     record = slurm.wait_finished(job, timeout=600)[0]
     TIMINGS["reference"] = time.monotonic() - started
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "0", (record, job_log(run_dir, job))
-    step_times = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        if "unclip_loss" in entry:
-            step_times[entry["step"]] = entry["time"]
+    times = {r["step"]: r["time"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if "unclip_loss" in r}
     job_start = time.mktime(time.strptime(record["StartTime"], "%Y-%m-%dT%H:%M:%S"))
-    startup_s = step_times[1] - job_start
-    steps_per_s = (STEPS - 1) / max(step_times[STEPS] - step_times[1], 1e-3)
-    return config, run_dir, job, startup_s, steps_per_s
+    return Reference(config, run_dir, job, times[1] - job_start, (STEPS - 1) / max(times[STEPS] - times[1], 1e-3))
+
+
+@pytest.fixture(scope="module")
+def reference(slurm, tmp_path_factory) -> Reference:
+    return reference_run(slurm, tmp_path_factory.mktemp("slurm-reference"))
 
 
 def test_a_training_job_runs_to_completion_with_its_checkpoints(reference):
-    config, run_dir, job, _, _ = reference
+    run_dir, job = reference.run_dir, reference.job
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
     assert latest_step(run_dir) == STEPS
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
@@ -112,61 +124,78 @@ def test_a_training_job_runs_to_completion_with_its_checkpoints(reference):
 
 
 def test_scontrol_requeue_mid_run_checkpoints_every_rank_and_resumes_exactly(slurm, reference, tmp_path):
-    config, ref_dir, _, _, _ = reference
-    run_dir = tmp_path / "run"
+    requeued_mid_run(slurm, reference, tmp_path, at_step=3)
+
+
+def requeued_mid_run(slurm, reference: Reference, root: Path, at_step: int) -> int:
+    """`scontrol requeue` once the job has logged `at_step`: every rank saves the step it is
+    in, the job resumes there and ends bit-identical to the reference. The step it stopped at."""
+    run_dir = root / "run"
     started = time.monotonic()
-    job = submit_training(slurm, config, run_dir)
-    wait_for(lambda: has_checkpoint(run_dir, 10), 600, "at step 10", lambda: job_log(run_dir, job) + slurm.logs())
+    job = submit_training(slurm, reference.config, run_dir)
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and max(logged_steps(run_dir), default=0) >= at_step, 600,
+             f"at step {at_step}", lambda: job_log(run_dir, job) + slurm.logs())
     slurm.run("scontrol", "requeue", str(job))  # what a preemption with PreemptMode=REQUEUE does
     record = slurm.wait_finished(job, timeout=600)[0]
     TIMINGS["requeue"] = time.monotonic() - started
     log = job_log(run_dir, job)
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", (record, log)
     stops, resumes = stops_and_resumes(log)
-    assert len(stops) == 1 and 10 <= stops[0] < STEPS, log
-    assert resumes == stops, log  # the requeued job resumed at exactly the step it saved
-    saved = run_dir / "checkpoints" / f"step_{stops[0]:07d}"
-    meta = json.loads((saved / "meta.json").read_text())
+    assert len(stops) == 1 and at_step <= stops[0] < STEPS, log
+    assert resumes == stops and "(restart 1)" in log, log  # the requeued job resumed at exactly that step
+    meta = json.loads((run_dir / "checkpoints" / f"step_{stops[0]:07d}" / "meta.json").read_text())
     assert meta["complete"] and {"rank_00000.safetensors", "rank_00001.safetensors"} <= set(meta["files"])
-    assert "(restart 1)" in log
-    assert_ends_like(run_dir, ref_dir)
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))  # none lost, none repeated
+    assert_ends_like(run_dir, reference.run_dir)
+    return stops[0]
 
 
 def test_time_limit_warning_checkpoints_requeues_itself_and_resumes(slurm, reference, tmp_path):
+    requeued_by_the_time_limit(slurm, reference, tmp_path)
+
+
+def requeued_by_the_time_limit(slurm, reference: Reference, root: Path) -> tuple[list[int], int]:
     """`--time` and `--signal-lead` such that SLURM's warning (USR1 to the batch shell) comes
     while the ranks train: they checkpoint, the script requeues the job, it resumes and ends.
+    The steps each run stopped at, and the steps of the run.
 
     slurmctld sends the warning at its first 30-s check no earlier than 30 s before it is due
     (`tests/slurm_cluster.py`). The job is let start just after a check, so with --time 2 and
-    --signal-lead 65 the warning is due 25 s after the start and comes at the next check, ~29 s
-    in; the requeued run starts ~10 s later, so its own warning would come 50 s into it. The
-    run is sized from the reference's start-up and speed to be mid-way at 29 s.
+    --signal-lead 65 the warning is due 25 s after the start and comes at the next check, 29 s
+    in; the requeued run starts ~10 s later, so its own warning would come ~50 s into it. The
+    run is sized from the reference's start-up and speed to be mid-way at 29 s (a machine that
+    starts slowly waits k more checks: --time 2+k, --signal-lead 65+30k).
     """
-    config, _, _, startup_s, steps_per_s = reference
-    period = 30
-    k = max(0, int((startup_s + 5 - 29) // period) + 1) if startup_s + 5 > 29 else 0  # slow machines: later checks
-    warn_after_s = 29 + period * k
-    steps = int(steps_per_s * (warn_after_s - startup_s + 6)) + 20
+    k = max(0, math.ceil((1.25 * reference.startup_s + 5 - 29) / TIME_CHECK_PERIOD_S))
+    warn_after_s = 29 + TIME_CHECK_PERIOD_S * k
+    # 1.4x the steps the reference's pace fits before the warning, and 8 s more: still training
+    # when it comes on a faster start or pace, and done within the requeued run's ~50 s
+    steps = int(reference.steps_per_s * (1.4 * (warn_after_s - reference.startup_s) + 8)) + 20
     job_cfg = merged(JOB, train={**JOB["train"], "steps": steps}, checkpoint={"every_steps": 10**6, "keep_last": 2})
-    config = write_job(tmp_path / "prior.yaml", job_cfg)
-    run_dir = tmp_path / "run"
+    config = write_job(root / "prior.yaml", job_cfg)
+    run_dir = root / "run"
     started = time.monotonic()
-    slurm.set_partition(up=False)  # accepted, not started: the test picks the start
+    slurm.set_partition(up=False)  # the job is accepted and waits: the test picks its start
     try:
-        job = submit_training(slurm, config, run_dir, "--time", str(2 + k), "--signal-lead", str(65 + period * k))
+        job = submit_training(slurm, config, run_dir, "--time", str(2 + k), "--signal-lead", str(65 + 30 * k))
         slurm.next_time_check()
     finally:
         slurm.set_partition(up=True)
-    record = slurm.wait_finished(job, timeout=240 + 2 * period * k)[0]
+    record = slurm.wait_finished(job, timeout=300 + 4 * warn_after_s)[0]
     TIMINGS["time limit"] = time.monotonic() - started
     log = job_log(run_dir, job)
-    assert record["JobState"] == "COMPLETED" and int(record["Restarts"]) >= 1, (record, log)
-    assert "unclip: time limit near; checkpointing and requeueing" in log
+    assert record["JobState"] == "COMPLETED", (record, log)
+    warnings = log.count("unclip: time limit near; checkpointing and requeueing")
+    assert warnings >= 1 and int(record["Restarts"]) == warnings, (record, log)
     stops, resumes = stops_and_resumes(log)
-    assert stops and resumes == stops and 0 < stops[0] < steps, log  # each run resumed where the last stopped
-    loss = losses(run_dir)
-    assert sorted(loss) == list(range(1, steps + 1))  # every step ran once: none lost, none repeated
+    assert stops, f"the warning came after the last of {steps} steps: this machine ran faster than the reference\n{log}"
+    assert 0 < stops[0] < steps, log
+    # each run resumed exactly where the one before stopped; a warning that lands as the last
+    # step finishes requeues a finished run once more, which resumes at the end and stops
+    assert resumes[:len(stops)] == stops and set(resumes[len(stops):]) <= {steps}, log
+    assert logged_steps(run_dir) == list(range(1, steps + 1))  # every step ran once: none lost, none repeated
     assert latest_step(run_dir) == steps
+    return stops, steps
 
 
 def test_precompute_job_array_equals_one_process_and_a_resubmission_skips_done_shards(slurm, tmp_path):

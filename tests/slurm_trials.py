@@ -1,0 +1,89 @@
+"""Repeated real-SLURM trials behind the figures in docs/RELIABILITY.md (a plain script, not
+collected by pytest). Needs what the `slurm` fixture needs: root and Debian's slurm-wlm, munge.
+
+    .venv/bin/python tests/slurm_trials.py --requeue 5 --time-limit 3 --seed 0
+
+Starts the one-node cluster of `tests/slurm_cluster.py`, runs the uninterrupted reference job
+of `tests/test_slurm_real.py` (tiny prior, 2 CPU ranks, 60 steps), then per trial:
+
+- requeue: a fresh run gets `scontrol requeue` once it has logged a random step 1..40. It
+  passes when every rank saved the step it was in, the requeued job resumed at exactly that
+  step, logged every step once and ended bit-identical (fp32 weights, EMA and RNG shards,
+  losses) to the reference.
+- time-limit: the time-limit scenario of the test: SLURM's warning before `--time` makes the
+  ranks save, the job requeues itself, resumes exactly there (every step logged once) and ends.
+
+Prints one line per trial and a JSON summary at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from slurm_cluster import running_cluster, unavailable
+from test_slurm_real import reference_run, requeued_by_the_time_limit, requeued_mid_run
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requeue", type=int, default=5, help="scontrol requeue trials")
+    parser.add_argument("--time-limit", type=int, default=3, help="time-limit warning trials")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    reason = unavailable()
+    if reason:
+        print(reason)
+        return 2
+    rng = random.Random(args.seed)
+    summary = {"requeue": {"trials": 0, "exact": 0, "stopped_at": []},
+               "time_limit": {"trials": 0, "exact": 0, "requeues": 0, "wall_s": []}}
+    with running_cluster() as slurm, tempfile.TemporaryDirectory(prefix="unclip-slurm-trials-") as tmp:
+        ref = reference_run(slurm, _fresh(Path(tmp) / "reference"))
+        print(f"reference: start-up {ref.startup_s:.1f} s, {ref.steps_per_s:.1f} steps/s", flush=True)
+        for trial in range(args.requeue):
+            at = rng.randint(1, 40)
+            started = time.monotonic()
+            summary["requeue"]["trials"] += 1
+            try:
+                stopped = requeued_mid_run(slurm, ref, _fresh(Path(tmp) / f"requeue-{trial}"), at_step=at)
+            except AssertionError as err:
+                print(f"requeue {trial}: requeued at step >= {at}: FAILED: {_first_line(err)}", flush=True)
+                continue
+            summary["requeue"]["exact"] += 1
+            summary["requeue"]["stopped_at"].append(stopped)
+            print(f"requeue {trial}: requeued at step >= {at}: every rank saved step {stopped}, resumed there, "
+                  f"bit-identical ({time.monotonic() - started:.0f} s)", flush=True)
+        for trial in range(args.time_limit):
+            started = time.monotonic()
+            summary["time_limit"]["trials"] += 1
+            try:
+                stops, steps = requeued_by_the_time_limit(slurm, ref, _fresh(Path(tmp) / f"time-limit-{trial}"))
+            except AssertionError as err:
+                print(f"time-limit {trial}: FAILED: {_first_line(err)}", flush=True)
+                continue
+            wall = time.monotonic() - started
+            summary["time_limit"]["exact"] += 1
+            summary["time_limit"]["requeues"] += len(stops)
+            summary["time_limit"]["wall_s"].append(round(wall))
+            print(f"time-limit {trial}: warned and requeued {len(stops)}x, saved at {stops} of {steps} steps, "
+                  f"each resumed there, every step once ({wall:.0f} s)", flush=True)
+    print(json.dumps(summary))
+    return 0 if all(s["trials"] == s["exact"] for s in summary.values()) else 1
+
+
+def _fresh(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
