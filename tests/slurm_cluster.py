@@ -2,14 +2,18 @@
 root with a private key, slurm.conf, ports, state and logs in one temporary folder (loopback
 only), started once per session by the `slurm` fixture (tests/conftest.py) and torn down after.
 
-The node is this machine as `slurmd -C` describes it (CPUs, memory). Settings that make the
-tests fast and that a production cluster would not use:
+The node is this machine as `slurmd -C` describes it (CPUs, memory), at 127.0.0.1. Settings
+a production cluster would not use, for fast tests:
 
-    AuthInfo=cred_expire=5          a requeued job may start again after 6 s (default 121 s)
+    AuthInfo=cred_expire=5                 a requeued job may start again after 6 s (default
+                                           121 s; smaller values fall back to the default)
     SchedulerParameters=sched_interval=1   pending jobs are looked at every second (default 60 s)
-    MinJobAge=120                   a finished job stays visible to scontrol for 2 minutes
+    MinJobAge=120                          a finished job stays visible to scontrol for 2 min
 
-    SlurmctldDebug=debug2           its log shows each time-limit check (`time_checks`)
+and for the tests to see and confine it: SlurmctldDebug=debug2 (the log shows each time-limit
+check, `time_checks`), CommunicationParameters=NoCtldInAddrAny,NoInAddrAny (daemons and srun
+listen on the node's address, 127.0.0.1 where the host name resolves to it, rather than on
+every interface).
 
 What cannot be configured: slurmctld checks time limits and sends `--signal` warnings once
 every 30 s (at the first check no earlier than 30 s before the warning is due), so a warning
@@ -24,6 +28,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -148,14 +153,19 @@ class SlurmCluster:
         key = key_dir / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        socket = root / "munge" / "munge.socket"
-        self._spawn("munged", "munged", "--foreground", f"--key-file={key}", f"--socket={socket}",
+        munge_socket = root / "munge" / "munge.socket"
+        self._spawn("munged", "munged", "--foreground", f"--key-file={key}", f"--socket={munge_socket}",
                     f"--pid-file={root / 'munge' / 'munged.pid'}", f"--log-file={root / 'log' / 'munged.log'}",
                     f"--seed-file={root / 'munge' / 'munged.seed'}")
-        self._until(lambda: socket.exists(), timeout, "munged's socket")
+        self._until(munge_socket.exists, timeout, "munged's socket")
         node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
         self.node = re.search(r"NodeName=(\S+)", node).group(1)
-        self.conf.write_text(slurm_conf(root, node, socket, free_port(), free_port()))
+        try:  # jobs find their first node (torchrun's rendezvous host) by this name
+            socket.gethostbyname(self.node)
+        except OSError:
+            raise RuntimeError(f"SLURM test cluster: the host name {self.node!r} does not resolve; "
+                               "add it to /etc/hosts") from None
+        self.conf.write_text(slurm_conf(root, node, munge_socket, free_port(), free_port()))
         self.started_at = time.time()
         self._spawn("slurmctld", "slurmctld", "-D", "-i", "-f", str(self.conf))
         self._spawn("slurmd", "slurmd", "-D", "-N", self.node, "-f", str(self.conf))
@@ -177,7 +187,7 @@ class SlurmCluster:
         if any(name == "slurmctld" for name, _ in self.daemons):
             with contextlib.suppress(Exception):
                 self.cancel_all()
-        for name, proc in reversed(self.daemons):  # slurmd, slurmctld, then munged
+        for _, proc in reversed(self.daemons):  # slurmd, slurmctld, then munged
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -227,6 +237,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MpiDefault=none
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 MailProg=/bin/true
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory

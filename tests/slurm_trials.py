@@ -4,7 +4,8 @@ collected by pytest). Needs what the `slurm` fixture needs: root and Debian's sl
     .venv/bin/python tests/slurm_trials.py --requeue 5 --time-limit 3 --seed 0
 
 Starts the one-node cluster of `tests/slurm_cluster.py`, runs the uninterrupted reference job
-of `tests/test_slurm_real.py` (tiny prior, 2 CPU ranks, 60 steps), then per trial:
+of `tests/test_slurm_real.py` (tiny prior, 2 CPU ranks, 60 steps), then trials of each kind in
+turn (each time-limit run sized from the pace of the run before it):
 
 - requeue: a fresh run gets `scontrol requeue` once it has logged a random step 1..40. It
   passes when every rank saved the step it was in, the requeued job resumed at exactly that
@@ -44,38 +45,37 @@ def main() -> int:
         print(reason)
         return 2
     rng = random.Random(args.seed)
-    summary = {"requeue": {"trials": 0, "exact": 0, "stopped_at": []},
+    summary = {"requeue": {"trials": 0, "exact": 0, "stopped_at": [], "wall_s": []},
                "time_limit": {"trials": 0, "exact": 0, "requeues": 0, "wall_s": []}}
     with running_cluster() as slurm, tempfile.TemporaryDirectory(prefix="unclip-slurm-trials-") as tmp:
         ref = reference_run(slurm, _fresh(Path(tmp) / "reference"))
-        print(f"reference: start-up {ref.startup_s:.1f} s, {ref.steps_per_s:.1f} steps/s", flush=True)
-        for trial in range(args.requeue):
-            at = rng.randint(1, 40)
+        pace = ref.pace  # the time-limit run is sized from the latest run's pace (the load may change)
+        print(f"reference: start-up {pace.startup_s:.1f} s, {pace.steps_per_s:.1f} steps/s", flush=True)
+        kinds = []  # in turn: requeue, time limit, requeue, ...
+        for i in range(max(args.requeue, args.time_limit)):
+            kinds += ["requeue"] * (i < args.requeue) + ["time_limit"] * (i < args.time_limit)
+        for trial, kind in enumerate(kinds):
             started = time.monotonic()
-            summary["requeue"]["trials"] += 1
+            summary[kind]["trials"] += 1
+            root = _fresh(Path(tmp) / f"{kind}-{trial}")
             try:
-                stopped = requeued_mid_run(slurm, ref, _fresh(Path(tmp) / f"requeue-{trial}"), at_step=at)
+                if kind == "requeue":
+                    at = rng.randint(1, 40)
+                    stopped, pace = requeued_mid_run(slurm, ref, root, at_step=at)
+                    what = (f"requeued at step >= {at}: every rank saved step {stopped}, resumed there, "
+                            "bit-identical")
+                    summary[kind]["stopped_at"].append(stopped)
+                else:
+                    stops, steps = requeued_by_the_time_limit(slurm, pace, root)
+                    what = f"warned and requeued {len(stops)}x, saved at {stops} of {steps} steps, each resumed there"
+                    summary[kind]["requeues"] += len(stops)
             except AssertionError as err:
-                print(f"requeue {trial}: requeued at step >= {at}: FAILED: {_first_line(err)}", flush=True)
-                continue
-            summary["requeue"]["exact"] += 1
-            summary["requeue"]["stopped_at"].append(stopped)
-            print(f"requeue {trial}: requeued at step >= {at}: every rank saved step {stopped}, resumed there, "
-                  f"bit-identical ({time.monotonic() - started:.0f} s)", flush=True)
-        for trial in range(args.time_limit):
-            started = time.monotonic()
-            summary["time_limit"]["trials"] += 1
-            try:
-                stops, steps = requeued_by_the_time_limit(slurm, ref, _fresh(Path(tmp) / f"time-limit-{trial}"))
-            except AssertionError as err:
-                print(f"time-limit {trial}: FAILED: {_first_line(err)}", flush=True)
+                print(f"{kind} {trial}: FAILED: {_first_line(err)}", flush=True)
                 continue
             wall = time.monotonic() - started
-            summary["time_limit"]["exact"] += 1
-            summary["time_limit"]["requeues"] += len(stops)
-            summary["time_limit"]["wall_s"].append(round(wall))
-            print(f"time-limit {trial}: warned and requeued {len(stops)}x, saved at {stops} of {steps} steps, "
-                  f"each resumed there, every step once ({wall:.0f} s)", flush=True)
+            summary[kind]["exact"] += 1
+            summary[kind]["wall_s"].append(round(wall))
+            print(f"{kind} {trial}: {what} ({wall:.0f} s)", flush=True)
     print(json.dumps(summary))
     return 0 if all(s["trials"] == s["exact"] for s in summary.values()) else 1
 

@@ -74,20 +74,35 @@ def logged_steps(run_dir: Path) -> list[int]:
 def assert_ends_like(run_dir: Path, reference: Path) -> None:
     """Bit-identical end state: fp32 weights, each rank's EMA shard (with its RNG states), losses."""
     assert_same(fp32_weights(run_dir, STEPS), fp32_weights(reference, STEPS))
-    for mine, theirs in zip(ema_shards(run_dir, STEPS, 2), ema_shards(reference, STEPS, 2)):
+    for mine, theirs in zip(ema_shards(run_dir, STEPS, 2), ema_shards(reference, STEPS, 2), strict=True):
         assert_same(mine, theirs)
     assert losses(run_dir) == losses(reference)
 
 
 @dataclasses.dataclass(frozen=True)
+class Pace:
+    """How fast this machine ran a job's last start: seconds from the job's start to its first
+    optimizer step, then optimizer steps per second."""
+
+    startup_s: float
+    steps_per_s: float
+
+
+def pace_of(run_dir: Path, record: dict[str, str]) -> Pace:
+    started = time.mktime(time.strptime(record["StartTime"], "%Y-%m-%dT%H:%M:%S"))
+    times = [r["time"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if "unclip_loss" in r and r["time"] >= started]
+    return Pace(times[0] - started, (len(times) - 1) / max(times[-1] - times[0], 1e-3))
+
+
+@dataclasses.dataclass(frozen=True)
 class Reference:
-    """The uninterrupted run under SLURM, and how fast this machine ran it."""
+    """The uninterrupted run under SLURM."""
 
     config: Path
     run_dir: Path
     job: int
-    startup_s: float  # from the job's start to its first optimizer step
-    steps_per_s: float
+    pace: Pace
 
 
 def reference_run(slurm, root: Path) -> Reference:
@@ -98,10 +113,7 @@ def reference_run(slurm, root: Path) -> Reference:
     record = slurm.wait_finished(job, timeout=600)[0]
     TIMINGS["reference"] = time.monotonic() - started
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "0", (record, job_log(run_dir, job))
-    times = {r["step"]: r["time"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-             if "unclip_loss" in r}
-    job_start = time.mktime(time.strptime(record["StartTime"], "%Y-%m-%dT%H:%M:%S"))
-    return Reference(config, run_dir, job, times[1] - job_start, (STEPS - 1) / max(times[STEPS] - times[1], 1e-3))
+    return Reference(config, run_dir, job, pace_of(run_dir, record))
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +139,10 @@ def test_scontrol_requeue_mid_run_checkpoints_every_rank_and_resumes_exactly(slu
     requeued_mid_run(slurm, reference, tmp_path, at_step=3)
 
 
-def requeued_mid_run(slurm, reference: Reference, root: Path, at_step: int) -> int:
+def requeued_mid_run(slurm, reference: Reference, root: Path, at_step: int) -> tuple[int, Pace]:
     """`scontrol requeue` once the job has logged `at_step`: every rank saves the step it is
-    in, the job resumes there and ends bit-identical to the reference. The step it stopped at."""
+    in, the job resumes there and ends bit-identical to the reference. The step it stopped at,
+    and the pace of the resumed run."""
     run_dir = root / "run"
     started = time.monotonic()
     job = submit_training(slurm, reference.config, run_dir)
@@ -147,14 +160,14 @@ def requeued_mid_run(slurm, reference: Reference, root: Path, at_step: int) -> i
     assert meta["complete"] and {"rank_00000.safetensors", "rank_00001.safetensors"} <= set(meta["files"])
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))  # none lost, none repeated
     assert_ends_like(run_dir, reference.run_dir)
-    return stops[0]
+    return stops[0], pace_of(run_dir, record)
 
 
 def test_time_limit_warning_checkpoints_requeues_itself_and_resumes(slurm, reference, tmp_path):
-    requeued_by_the_time_limit(slurm, reference, tmp_path)
+    requeued_by_the_time_limit(slurm, reference.pace, tmp_path)
 
 
-def requeued_by_the_time_limit(slurm, reference: Reference, root: Path) -> tuple[list[int], int]:
+def requeued_by_the_time_limit(slurm, pace: Pace, root: Path) -> tuple[list[int], int]:
     """`--time` and `--signal-lead` such that SLURM's warning (USR1 to the batch shell) comes
     while the ranks train: they checkpoint, the script requeues the job, it resumes and ends.
     The steps each run stopped at, and the steps of the run.
@@ -163,14 +176,14 @@ def requeued_by_the_time_limit(slurm, reference: Reference, root: Path) -> tuple
     (`tests/slurm_cluster.py`). The job is let start just after a check, so with --time 2 and
     --signal-lead 65 the warning is due 25 s after the start and comes at the next check, 29 s
     in; the requeued run starts ~10 s later, so its own warning would come ~50 s into it. The
-    run is sized from the reference's start-up and speed to be mid-way at 29 s (a machine that
-    starts slowly waits k more checks: --time 2+k, --signal-lead 65+30k).
+    run is sized from a recent run's `pace` to be mid-way at 29 s (a machine that starts slowly
+    waits k more checks: --time 2+k, --signal-lead 65+30k).
     """
-    k = max(0, math.ceil((1.25 * reference.startup_s + 5 - 29) / TIME_CHECK_PERIOD_S))
+    k = max(0, math.ceil((1.25 * pace.startup_s + 5 - 29) / TIME_CHECK_PERIOD_S))
     warn_after_s = 29 + TIME_CHECK_PERIOD_S * k
-    # 1.4x the steps the reference's pace fits before the warning, and 8 s more: still training
-    # when it comes on a faster start or pace, and done within the requeued run's ~50 s
-    steps = int(reference.steps_per_s * (1.4 * (warn_after_s - reference.startup_s) + 8)) + 20
+    # 1.4x the steps that pace fits before the warning, and 8 s more: still training when it
+    # comes after a faster start or at a faster pace, and done within the requeued run's ~50 s
+    steps = int(pace.steps_per_s * (1.4 * (warn_after_s - pace.startup_s) + 8)) + 20
     job_cfg = merged(JOB, train={**JOB["train"], "steps": steps}, checkpoint={"every_steps": 10**6, "keep_last": 2})
     config = write_job(root / "prior.yaml", job_cfg)
     run_dir = root / "run"
@@ -188,7 +201,7 @@ def requeued_by_the_time_limit(slurm, reference: Reference, root: Path) -> tuple
     warnings = log.count("unclip: time limit near; checkpointing and requeueing")
     assert warnings >= 1 and int(record["Restarts"]) == warnings, (record, log)
     stops, resumes = stops_and_resumes(log)
-    assert stops, f"the warning came after the last of {steps} steps: this machine ran faster than the reference\n{log}"
+    assert stops, f"the warning came after the last of {steps} steps: this run was faster than {pace}\n{log}"
     assert 0 < stops[0] < steps, log
     # each run resumed exactly where the one before stopped; a warning that lands as the last
     # step finishes requeues a finished run once more, which resumes at the end and stops
