@@ -47,6 +47,14 @@ def _add_metrics(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pushgateway", metavar="URL", help="push metrics to a Prometheus Pushgateway instead")
 
 
+def _add_slurm(p: argparse.ArgumentParser, cpus: str) -> None:
+    p.add_argument("--time", default="24:00:00", metavar="T", help="SLURM: time limit (MM, HH:MM:SS, D-HH:MM:SS)")
+    p.add_argument("--partition", metavar="P", help="SLURM: partition")
+    p.add_argument("--account", metavar="A", help="SLURM: account")
+    p.add_argument("--cpus-per-task", type=int, metavar="C", help=f"SLURM: CPUs per task ({cpus})")
+    p.add_argument("--mem", metavar="SIZE", help="SLURM: memory per task, e.g. 64G (sbatch --mem; default: the partition's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unclip",
@@ -79,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, help="size of the job array")
     p.add_argument("--format", choices=["webdataset", "clip-retrieval"],
                    help="clip-retrieval: also write img_emb/, text_emb/, metadata/ (clip-retrieval's layout)")
+    p.add_argument("--slurm", action="store_true", help="submit a SLURM job array (with --array N) instead")
+    p.add_argument("--array", type=int, metavar="N", help="SLURM: N tasks, each embeds shards[i::N]")
+    p.add_argument("--gpus-per-task", type=int, default=0, metavar="G", help="SLURM: GPUs per task")
+    p.add_argument("--slurm-dir", default="slurm", metavar="DIR", help="SLURM: where the script and task logs go")
+    p.add_argument("--dry-run", action="store_true", help="with --slurm: print the script, submit nothing")
+    _add_slurm(p, "default 1")
     _add_overrides(p)
     _add_metrics(p)
 
@@ -115,10 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("launch", help="start a job locally, on a DeepSpeed hostfile, under torchrun or SLURM")
     p.add_argument("--config", required=True, metavar="FILE")
+    p.add_argument("--nproc", type=int, metavar="N", help="local processes; ranks per node (torchrun, SLURM CPU nodes)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--nproc", type=int, metavar="N", help="local processes")
     where.add_argument("--hostfile", metavar="F", help="DeepSpeed hostfile")
-    where.add_argument("--slurm", action="store_true", help="write an sbatch script")
+    where.add_argument("--slurm", action="store_true",
+                       help="write and submit an sbatch script (GPU nodes; CPU nodes with --gpus-per-node 0 --nproc N)")
     p.add_argument("--nnodes", type=int, metavar="N", help="torchrun: number of nodes")
     p.add_argument("--node-rank", type=int, metavar="R", help="torchrun: this node's rank")
     p.add_argument("--master-addr", metavar="A", help="torchrun: rendezvous host")
@@ -127,11 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, metavar="N", help="with --plan: total GPUs")
     p.add_argument("--run-dir", metavar="DIR", help="run directory (default runs/<name>)")
     p.add_argument("--master-port", type=int, default=29500, metavar="P", help="torchrun/SLURM/hostfile: rendezvous port")
-    p.add_argument("--gpus-per-node", type=int, default=8, metavar="G", help="SLURM and --plan: GPUs per node")
+    p.add_argument("--gpus-per-node", type=int, default=8, metavar="G", help="SLURM and --plan: GPUs per node (SLURM: 0 = CPU nodes)")
     p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="with --plan: memory per GPU")
-    p.add_argument("--time", default="24:00:00", help="SLURM: time limit")
-    p.add_argument("--partition", help="SLURM: partition")
-    p.add_argument("--account", help="SLURM: account")
+    p.add_argument("--signal-lead", type=int, default=300, metavar="S",
+                   help="SLURM: checkpoint and requeue S seconds before the time limit")
+    _add_slurm(p, "one task per node runs its ranks; default 8 per GPU, 1 per CPU rank")
     _add_overrides(p)
 
     p = sub.add_parser("check", help="preflight: data reachable and counted, embeddings aligned, CLIP widths (exit 2)")

@@ -3,7 +3,9 @@
     --nproc N                                   N local ranks (like `unclip train --nproc N`)
     --nnodes N --node-rank R --master-addr A    this node's torchrun (run it on every node)
     --hostfile F                                the DeepSpeed launcher over the hosts of F
-    --slurm                                     an sbatch script (submitted if sbatch exists)
+    --slurm [--gpus-per-node G | --gpus-per-node 0 --nproc N]
+                                                an sbatch script (submitted if sbatch exists):
+                                                G GPUs per node, or N ranks on CPU nodes
     --plan --gpus N                             per-GPU memory under ZeRO 0-3, starts nothing
 
 `--dry-run` prints the command or script instead of running it.
@@ -12,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,12 +30,15 @@ def main(args: argparse.Namespace) -> int:
     if args.plan:
         return _plan(job, args)
     run_dir = Path(args.run_dir or Path("runs") / job.name)
+    if args.hostfile and args.nproc is not None:
+        raise ConfigError("--nproc with --hostfile: the hostfile's slots=N set the ranks per host")
+    spec = _slurm_spec(job, args) if args.slurm else None  # bad SLURM options fail before any work
     config = run_dir / "config.yaml"
     if not args.dry_run:
         config = prepare_run_dir(job, run_dir, resume=True)
     worker = worker_args(config, run_dir)
-    if args.slurm:
-        return _slurm(job, args, config, run_dir)
+    if spec is not None:
+        return _slurm(spec, args, config, run_dir)
     if args.hostfile:
         try:
             read_hostfile(Path(args.hostfile))
@@ -69,25 +73,27 @@ def _run(cmd: list[str], dry_run: bool) -> int:
     return EXIT_OK if subprocess.run(cmd).returncode == 0 else EXIT_RUNTIME
 
 
-def _slurm(job: Any, args: argparse.Namespace, config: Path, run_dir: Path) -> int:
-    from launch.slurm import SlurmSpec, sbatch_script
+def _slurm_spec(job: Any, args: argparse.Namespace) -> Any:
+    from launch.slurm import SlurmSpec
 
-    spec = SlurmSpec(
-        job_name=job.name, nodes=args.nnodes or 1, gpus_per_node=args.gpus_per_node, time=args.time,
-        partition=args.partition, account=args.account, master_port=args.master_port,
-    )
+    try:
+        return SlurmSpec(
+            job_name=job.name, nodes=args.nnodes or 1, gpus_per_node=args.gpus_per_node, ranks_per_node=args.nproc,
+            time=args.time, partition=args.partition, account=args.account, cpus_per_task=args.cpus_per_task,
+            mem=args.mem, master_port=args.master_port, signal_lead_s=args.signal_lead,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _slurm(spec: Any, args: argparse.Namespace, config: Path, run_dir: Path) -> int:
+    from launch.slurm import sbatch_script, write_and_submit
+
     script = sbatch_script(spec, config, run_dir, Path.cwd())
     if args.dry_run:
         print(script)
         return EXIT_OK
-    path = run_dir / "launch" / "train.sbatch"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(script)
-    print(f"[unclip launch] wrote {path}")
-    if shutil.which("sbatch") is None:
-        print(f"[unclip launch] sbatch is not on PATH here; submit it on the cluster with: sbatch {path}")
-        return EXIT_OK
-    return EXIT_OK if subprocess.run(["sbatch", str(path)]).returncode == 0 else EXIT_RUNTIME
+    return EXIT_OK if write_and_submit(script, run_dir / "launch" / "train.sbatch", "unclip launch") else EXIT_RUNTIME
 
 
 def _plan(job: Any, args: argparse.Namespace) -> int:

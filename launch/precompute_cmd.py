@@ -1,9 +1,11 @@
 """`unclip precompute`: CLIP embeddings for every shard, resumable, split across ranks.
 
-Ranks come from `--rank/--world-size` (job arrays), else torchrun/SLURM/MPI variables (the
-trainer's one rank discovery, `trainer.distributed.world_info_from_env`); `--nproc N` starts
-N local ranks. Each rank embeds its share of the shards; finished shards
-are skipped on restart, and the last rank to finish writes `_SUCCESS`.
+Ranks come from `--rank/--world-size` (job arrays), else torchrun/SLURM/MPI variables
+(`trainer.distributed.world_info_from_env`);
+`--nproc N` starts N local ranks; `--slurm --array N` submits a SLURM job array whose task i
+runs `unclip precompute ... --rank i --world-size N`. Each rank embeds its share of the
+shards; finished shards are skipped on restart (a resubmitted array redoes only what is
+missing), and the last rank to finish writes `_SUCCESS`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 from launch.cli import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
@@ -31,10 +34,9 @@ def _metrics(args: argparse.Namespace, cfg: Any, rank: int, world_size: int) -> 
     return Metrics("precompute", "precompute", rank, world_size, None, metrics_cfg, local_rank, console=False).start()
 
 
-def _spawn(args: argparse.Namespace) -> int:
-    from launch.launchers import run_local
-
-    argv = ["--config", args.config]
+def _rank_argv(args: argparse.Namespace, config: str) -> list[str]:
+    """The arguments each rank runs `unclip precompute` with (its rank comes from elsewhere)."""
+    argv = ["--config", config]
     for flag, value in (("--shards", args.shards), ("--out", args.out), ("--metrics-host", args.metrics_host),
                         ("--metrics-port", args.metrics_port), ("--pushgateway", args.pushgateway)):
         if value is not None:
@@ -43,8 +45,45 @@ def _spawn(args: argparse.Namespace) -> int:
         argv += ["--set", assignment]
     if args.format:
         argv += ["--format", args.format]
-    code = run_local(argv, args.nproc, module=["-m", "launch", "precompute"])
+    return argv
+
+
+def _spawn(args: argparse.Namespace) -> int:
+    from launch.launchers import run_local
+
+    code = run_local(_rank_argv(args, args.config), args.nproc, module=["-m", "launch", "precompute"])
     return EXIT_OK if code == 0 else EXIT_RUNTIME
+
+
+def _slurm(args: argparse.Namespace, cfg: Any) -> int:
+    """Submit (or print) a job array of `--array N` tasks, task i embedding shards[i::N]."""
+    from data_pipeline.io import expand_urls
+    from launch.slurm import ArraySpec, SlurmResources, array_script, write_and_submit
+
+    if args.array is None:
+        raise ConfigError("--slurm needs --array N (the number of tasks to split the shards across)")
+    if args.rank is not None or args.world_size is not None or args.nproc != 1:
+        raise ConfigError("--slurm: each array task's rank is its task index; drop --rank/--world-size/--nproc")
+    shards = expand_urls(args.shards if args.shards is not None else cfg.shards)
+    if not shards:
+        raise ConfigError("shards: no input shard URLs (set `shards:` or pass --shards)")
+    if not (args.out or cfg.out):
+        raise ConfigError("out: no output folder (set `out:` or pass --out)")
+    if args.array > len(shards):
+        raise ConfigError(f"--array {args.array}: there are only {len(shards)} shard(s), one task per shard at most")
+    try:
+        spec = ArraySpec("unclip-precompute", args.array, args.gpus_per_task, SlurmResources(
+            args.time, args.partition, args.account, args.cpus_per_task, args.mem))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    command = [sys.executable, "-m", "launch", "precompute", *_rank_argv(args, str(Path(args.config).resolve()))]
+    log_dir = Path(args.slurm_dir)
+    script = array_script(spec, command, log_dir, Path.cwd())
+    if args.dry_run:
+        print(script)
+        return EXIT_OK
+    log_dir.mkdir(parents=True, exist_ok=True)  # SLURM does not create the folder of --output
+    return EXIT_OK if write_and_submit(script, log_dir / "precompute.sbatch", "unclip precompute") else EXIT_RUNTIME
 
 
 def job_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
@@ -71,6 +110,10 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: stage {cfg.stage!r} is not 'precompute'")
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1 (got {args.nproc})")
+    if args.slurm:
+        return _slurm(args, cfg)
+    if args.array is not None or args.dry_run:
+        raise ConfigError("--array and --dry-run go with --slurm")
     if args.nproc > 1 and args.rank is None and "RANK" not in os.environ:
         return _spawn(args)
     try:

@@ -6,8 +6,22 @@ fork/join per kernel) and leaves the second core to the multi-process DeepSpeed 
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A real one-node SLURM cluster (munged, slurmctld, slurmd) for the session; skips where
+    the binaries are missing or we are not root (`tests/slurm_cluster.py`)."""
+    from tests.slurm_cluster import running_cluster, unavailable
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    with running_cluster() as cluster:
+        yield cluster
