@@ -12,15 +12,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from launch.launchers import hostfile_command, read_hostfile, run_local, shell_join, torchrun_command, worker_args
 from launch.train_cmd import load_train_job, prepare_run_dir
 from models.config import ConfigError
+from trainer.distributed import choose_socket_interface
 
 EXIT_OK, EXIT_RUNTIME = 0, 1
 
@@ -41,15 +43,15 @@ def main(args: argparse.Namespace) -> int:
             read_hostfile(Path(args.hostfile))
         except (OSError, ValueError) as err:
             raise ConfigError(f"--hostfile: {err}") from None
-        return _run(hostfile_command(worker, Path(args.hostfile), master_port=args.master_port), args.dry_run)
+        return _run(hostfile_command(worker, Path(args.hostfile), master_port=args.master_port, master_addr=args.master_addr), args.dry_run)
     if args.nnodes is not None:
         if args.node_rank is None or args.master_addr is None:
             raise ConfigError("--nnodes needs --node-rank and --master-addr (the address of node 0)")
         cmd = torchrun_command(
             worker, nproc_per_node=args.nproc or _local_devices(), nnodes=args.nnodes, node_rank=args.node_rank,
-            master_addr=args.master_addr, master_port=args.master_port,
+            master_addr=args.master_addr, master_port=args.master_port, rdzv_timeout_s=job.deepspeed.timeout_s,
         )
-        return _run(cmd, args.dry_run)
+        return _run(cmd, args.dry_run, env=None if args.dry_run else _node_env(args))
     nproc = args.nproc or 1
     if args.dry_run:
         print(f"{nproc} local rank(s) of: {shell_join([sys.executable, '-m', 'launch.worker', *worker])}")
@@ -63,11 +65,23 @@ def _local_devices() -> int:
     return max(1, torch.cuda.device_count())
 
 
-def _run(cmd: list[str], dry_run: bool) -> int:
+def _node_env(args: argparse.Namespace) -> dict[str, str]:
+    """This node's environment for torchrun: gloo/NCCL on the interface that reaches the master."""
+    env = dict(os.environ)
+    try:
+        chosen = choose_socket_interface(env, args.master_addr, args.master_port)
+    except OSError as err:
+        raise ConfigError(f"--master-addr: {err}") from None
+    if chosen:
+        print(f"[unclip launch] node {args.node_rank}: {chosen}", flush=True)
+    return env
+
+
+def _run(cmd: list[str], dry_run: bool, env: Optional[dict[str, str]] = None) -> int:
     print(shell_join(cmd), flush=True)
     if dry_run:
         return EXIT_OK
-    return EXIT_OK if subprocess.run(cmd).returncode == 0 else EXIT_RUNTIME
+    return EXIT_OK if subprocess.run(cmd, env=env).returncode == 0 else EXIT_RUNTIME
 
 
 def _slurm(job: Any, args: argparse.Namespace, config: Path, run_dir: Path) -> int:
