@@ -160,6 +160,7 @@ def init_process_group(info: WorldInfo, timeout_s: float) -> str:
     if device == "cuda":
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(info.local_rank)
+    _default_group_timeout(timedelta(seconds=timeout_s))
     import deepspeed
 
     deepspeed.init_distributed(
@@ -175,6 +176,21 @@ def init_process_group(info: WorldInfo, timeout_s: float) -> str:
             where={"node": node_from_env(), "host": socket.gethostname(), "address": _own_address(master_addr, master_port)},
         )
     return f"cuda:{info.local_rank}" if device == "cuda" else "cpu"
+
+
+def _default_group_timeout(timeout: timedelta) -> None:
+    """Make every process group created later time out after `timeout`, as the default one does.
+
+    `new_group()` without a timeout gets torch's default (30 min for gloo, 10 for NCCL), not the
+    default group's, and DeepSpeed makes its data-parallel groups that way: ZeRO's gradient
+    all-reduce with a peer's link cut would wait 30 minutes instead of `deepspeed.timeout_s`.
+    torch reads these module globals each time a group is made.
+    """
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def is_initialized() -> bool:

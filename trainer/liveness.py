@@ -83,11 +83,21 @@ def report() -> Optional[str]:
     """After a failed collective: one line naming the lost node(s); None before `start`.
 
     Takes about three beat periods (at most ~3 s): long enough for every live rank to beat,
-    and for the other survivors to say that they saw the failure too.
+    and for the other survivors to say that they saw the failure too. Some store calls wait
+    on the socket without a timeout (`check`), so the reading runs in a thread with a deadline:
+    a store out of reach (the master lost, or this host's link) cannot keep this rank waiting.
     """
     watch = _watch
     if watch is None:
         return None
+    found: list[str] = []
+    reader = threading.Thread(target=lambda: found.append(_diagnose(watch)), name="unclip-liveness", daemon=True)
+    reader.start()
+    reader.join(3 * watch.period_s + 10)
+    return found[0] if found else _unreachable(watch)
+
+
+def _diagnose(watch: _Watch) -> str:
     window = 3 * watch.period_s
     everyone = range(watch.world_size)
     try:
@@ -100,15 +110,19 @@ def report() -> Optional[str]:
         lost = [r for r in everyone if r != watch.rank and (r not in before or before[r] == after.get(r))]
         where = {r: json.loads(v) for r, v in _read(watch.store, "where", lost).items()}
     except (RuntimeError, OSError):  # torch's DistStoreError/DistNetworkError are RuntimeErrors
-        host, port = watch.master
-        return (f"the job's store at {host}:{port}, on the master node, does not answer: the master node is lost, "
-                "or this host lost its network")
+        return _unreachable(watch)
     if lost:
         return "lost: " + "; ".join(_describe(place, ranks) for place, ranks in _by_place(lost, where))
     stuck = [r for r in everyone if r not in noticed]
     if stuck:
         return f"no node is lost (every rank still beats); {_ranks(stuck)} did not see the failure: stuck, not gone"
     return "no node is lost: every rank still beats and saw the failure"
+
+
+def _unreachable(watch: _Watch) -> str:
+    host, port = watch.master
+    return (f"the job's store at {host}:{port}, on the master node, does not answer: the master node is lost, "
+            "or this host lost its network")
 
 
 def _read(store: Any, kind: str, ranks: Iterable[int]) -> dict[int, str]:

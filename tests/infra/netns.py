@@ -124,9 +124,11 @@ class Hosts:
         self._procs.append(proc)
         return proc
 
-    def run(self, host: int, argv: Sequence[str], *, timeout: float = 60) -> subprocess.CompletedProcess:
+    def run(self, host: int, argv: Sequence[str], *, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+        """Run `argv` on host `host` to its end (at most `timeout` s), capturing its output."""
         return subprocess.run(
             ["ip", "netns", "exec", self.namespaces[host], *argv], capture_output=True, text=True, timeout=timeout,
+            **kwargs,
         )
 
     def link_down(self, host: int) -> None:

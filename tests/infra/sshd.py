@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from infra.netns import Hosts
+from .netns import Hosts
 
 SSHD = "/usr/sbin/sshd"
 
