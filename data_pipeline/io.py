@@ -13,7 +13,6 @@ import io
 import logging
 import posixpath
 import re
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +22,6 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import braceexpand
 import fsspec
-import webdataset  # noqa: F401  (loads webdataset.gopen, whose scheme table we extend)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -216,6 +214,14 @@ def exists(url: str) -> bool:
     return with_retries(lambda: fs.exists(path), f"stat {mask_url(url)}")
 
 
+def size_of(url: str) -> Optional[int]:
+    """The size in bytes of the file at `url` (None for http(s), where it costs a request)."""
+    if _is_http(url):
+        return None
+    fs, path = fsspec.core.url_to_fs(url)
+    return int(with_retries(lambda: fs.size(path), f"stat {mask_url(url)}"))
+
+
 def makedirs(url: str) -> None:
     fs, path = fsspec.core.url_to_fs(url)
     fs.makedirs(path, exist_ok=True)
@@ -227,6 +233,18 @@ def list_dir(url: str) -> list[str]:
     if not fs.exists(path):
         return []
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def list_sizes(url: str) -> dict[str, int]:
+    """Name -> size in bytes of the files in folder `url` (one listing; empty if it does not exist)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return {}
+    out = {}
+    for entry in fs.ls(path, detail=True):
+        if entry.get("type", "file") == "file":
+            out[posixpath.basename(entry["name"].rstrip("/"))] = int(entry.get("size") or 0)
+    return out
 
 
 def remove(url: str) -> None:
@@ -253,22 +271,3 @@ def atomic_write(url: str, mode: str = "wb") -> Iterator[IO]:
             if fs.exists(tmp):
                 fs.rm(tmp)
         raise
-
-
-def register_webdataset_opener() -> None:
-    """Route webdataset's own URL opening through fsspec for remote schemes.
-
-    webdataset opens local files, pipes, curl and a few clouds itself; with this, users who
-    build `webdataset.WebDataset("s3://...")` or `("memory://...")` get the same fsspec
-    access (credentials from the usual fsspec config) as our loader.
-    """
-    gopen = sys.modules["webdataset.gopen"]
-
-    def fsspec_gopen(url, mode="rb", bufsize=8192, **kw):
-        return open_url(url, mode)
-
-    for scheme in ("s3", "gs", "gcs", "az", "abfs", "memory", "http", "https", "hf", "file"):
-        gopen.gopen_schemes[scheme] = fsspec_gopen
-
-
-register_webdataset_opener()

@@ -20,11 +20,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from infra import netns, sshd
-from infra.nodes import launch_job
-from trainer_helpers import (
+from tests.helpers import (
     TINY_PRIOR, differing, end_state, env_for_tests, explain, latest_step, losses, merged, write_job,
 )
+from tests.infra import netns, sshd
+from tests.infra.nodes import launch_job
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,8 @@
              -> data loader -> resume from the latest complete checkpoint (if any)
     step:    LR -> grad_accum x (next batch, loss, backward) -> optimizer step (DeepSpeed
              skips it if a gradient is not finite) -> EMA -> agree across ranks on loss,
-             skips and stop requests -> log -> checkpoint every N steps
+             skips, stop requests and checkpoint clocks -> log -> checkpoint every N steps
+             and/or M minutes
     stop:    at the last step, on SIGTERM/SIGINT (checkpoint, exit 0), or after too many
              non-finite steps in a row (checkpoint of the last good state, exit 1)
 """
@@ -21,18 +22,21 @@ from typing import Any, Optional
 
 import torch
 
+from models import stages
 from models.config import config_to_dict
+from models.stages import StageContext, StageSpec
+from models.weights import read_meta
 from trainer import distributed as dist
 from trainer import rng
-from trainer.checkpoint import Checkpoints, CheckpointError, read_meta, resume_problem, torch_version_info
+from trainer.checkpoint import CheckpointError, Checkpoints, resume_problem, torch_version_info
+from trainer.config import TrainJob
 from trainer.ema import ShardedEMA
-from trainer.engine import build_engine, count_parameters, resolve_precision, set_lr, skipped_steps
+from trainer.engine import StageModule, build_engine, count_parameters, resolve_precision, set_lr, skipped_steps
 from trainer.faults import Faults
 from trainer.flops import counted
 from trainer.lr import lr_at
 from trainer.metrics import Metrics
-from trainer.samples import has_samples, keep_for_sampling, write_grid
-from trainer.stages import StageContext, StageModule, get_stage
+from trainer.samples import grid_path, keep_for_sampling, write_grid
 from trainer.synthetic import SyntheticLoader
 
 
@@ -79,6 +83,13 @@ class Batches:
         self.loader.load_state_dict(state)
         self._it = None
 
+    def layout_matches(self, state: dict[str, Any]) -> bool:
+        return getattr(self.loader, "layout_matches", lambda s: True)(state)
+
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        self.loader.load_state_dicts(states)
+        self._it = None
+
     @property
     def skipped(self) -> dict[str, int]:
         return dict(getattr(self.loader, "skipped", {}) or {})
@@ -88,19 +99,15 @@ def batch_to(batch: dict[str, Any], device: str) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def open_loader(job: Any, stage: Any, rank: int, world_size: int) -> Batches:
+def open_loader(job: TrainJob, spec: StageSpec, rank: int, world_size: int) -> Batches:
     """The job's data loader for this rank (synthetic data when the job has no `data:`)."""
-    wants = stage.wants(job)
+    wants = spec.fields(job)
     if job.data is None:
-        shapes = {k: v for k, v in stage.batch_shapes(job).items() if k in wants}
+        shapes = {k: v for k, v in spec.field_shapes(job).items() if k in wants}
         return Batches(SyntheticLoader(shapes, batch_size=job.train.micro_batch_size, rank=rank, seed=job.train.seed))
     from data_pipeline.stream import build_loader
 
-    tokenizer = None
-    if "tokens" in wants:
-        import open_clip
-
-        tokenizer = open_clip.get_tokenizer(job.model.name)
+    tokenizer = spec.tokenizer(job) if "tokens" in wants else None
     loader = build_loader(
         job.data, batch_size=job.train.micro_batch_size, rank=rank, world_size=world_size, want=set(wants),
         tokenizer=tokenizer, drop_last=True,  # every rank steps with full micro-batches
@@ -109,10 +116,10 @@ def open_loader(job: Any, stage: Any, rank: int, world_size: int) -> Batches:
 
 
 class Trainer:
-    def __init__(self, job: Any, run_dir: Path, info: dist.WorldInfo, device: str) -> None:
+    def __init__(self, job: TrainJob, run_dir: Path, info: dist.WorldInfo, device: str) -> None:
         self.job, self.run_dir, self.info, self.device = job, Path(run_dir), info, device
         self.rank, self.world_size = info.rank, info.world_size
-        self.stage = get_stage(job.stage)
+        self.spec = stages.get(job.stage)
         self.faults = Faults()
         self.stop = StopRequest()
         self.ckpt = Checkpoints(self.run_dir / "checkpoints", self.rank, self.world_size, job.checkpoint.keep_last)
@@ -121,9 +128,10 @@ class Trainer:
         self.nonfinite_total = 0
         self.consecutive_nonfinite = 0
         self.window = {"steps": 0, "step_time_s": 0.0, "data_wait_s": 0.0}  # since the last logging step
-        self.sample_every = job.train.sample_every if has_samples(job.stage) else 0
+        self.sample_every = job.train.sample_every if self.spec.sample_grid is not None else 0
         self.sample_batch: Optional[dict[str, Any]] = None  # rank 0: the conditions of every grid
         self.flops_per_sample: Optional[float] = None
+        self.last_save = time.monotonic()  # checkpoint.every_minutes counts from here
 
     # ------------------------------------------------------------------ set-up
     def setup(self, resume: bool) -> None:
@@ -148,11 +156,11 @@ class Trainer:
                 self.ckpt.ensure_universal(resume_dir)
 
         rng.seed_everything(job.train.seed)  # identical initial weights on every rank
-        model = self.stage.build(job)
-        self.module = StageModule(self.stage, model, StageContext(self.rank, self.world_size))
-        self.loader = open_loader(job, self.stage, self.rank, self.world_size)
+        model = self.spec.build(job, activation_checkpointing=job.deepspeed.activation_checkpointing)
+        self.module = StageModule(self.spec, model, StageContext(self.rank, self.world_size))
+        self.loader = open_loader(job, self.spec, self.rank, self.world_size)
         if meta is None:
-            self._fit_before_training(model)
+            self._prepare(model)
         self.engine, self.ds_config = build_engine(self.module, job, self.world_size, self.device, load_universal=universal)
         self.optimizer_guard = self.engine.client_optimizer if hasattr(self.engine, "client_optimizer") else None
         self._register_direct_parameters(model)
@@ -174,19 +182,15 @@ class Trainer:
         found = dist.broadcast_object(str(found) if found is not None else None)
         return Path(found) if found is not None else None
 
-    def _fit_before_training(self, model: torch.nn.Module) -> None:
-        """The autoregressive prior's PCA: fit on rank 0's first batches, broadcast to all."""
-        if not hasattr(model, "fit_pca"):
+    def _prepare(self, model: torch.nn.Module) -> None:
+        """The stage's preparation (e.g. the autoregressive prior's PCA fit), run by rank 0 on
+        a stream of its own (the training data order is untouched); its result, the model's
+        persistent buffers, is broadcast to every rank."""
+        prepare = self.spec.preparation(self.job)
+        if prepare is None:
             return
         if self.rank == 0:
-            need = max(4 * model.cfg.embed_dim, 256)
-            fit_loader = open_loader(self.job, self.stage, 0, 1)  # its own stream: training data order is untouched
-            images, texts = [], []
-            while sum(x.shape[0] for x in images) < need:
-                batch = next(fit_loader)
-                images.append(batch["image_embed"].float())
-                texts.append(batch["text_embed"].float())
-            model.fit_pca(torch.cat(images)[:need], torch.cat(texts)[:need])
+            prepare(model, open_loader(self.job, self.spec, 0, 1))
         buffers = {k: v.cpu() for k, v in model.named_buffers() if _persistent(model, k)}
         buffers = dist.broadcast_object(buffers)
         if self.rank != 0:
@@ -213,18 +217,22 @@ class Trainer:
         self.step, self.samples_seen = meta["step"], meta["samples_seen"]
         self.nonfinite_total = meta.get("nonfinite_steps", 0)
         self.flops_per_sample = meta.get("flops_per_sample")
-        if not universal:  # same ranks, same streams: continue the data and every random stream exactly
-            self.loader.load_state_dict(plain["loader"])
+        if not universal:  # same ranks, same streams: continue every random stream exactly
             rng.restore(plain["rng"], tensors, self.module.generator)
-        else:
-            # A data position is a split of the shards over the old ranks; it has no meaning
-            # for another world size. Re-seed so the new ranks do not replay the old draws.
-            if self.job.data is None:
-                self.loader.load_state_dict(plain["loader"])
-            else:
-                self._say("world size changed: the data stream restarts from its seed (positions do not carry over)")
+        else:  # re-seed so the new ranks do not replay the old draws
             rng.seed_everything(self.job.train.seed * 1000 + self.rank + 7919 * self.step, self.module.generator)
+        self._restore_data_position(step_dir, plain["loader"], old_world)
         self._say(f"resumed from {step_dir} (step {self.step}, {self.samples_seen} samples, world size {old_world})")
+
+    def _restore_data_position(self, step_dir: Path, own: dict[str, Any], old_world: int) -> None:
+        """Same layout: this rank's own position. Another world size or worker count: every
+        old rank's, so the pass they were in goes on, each sample once (data_pipeline.reshard)."""
+        if self.loader.layout_matches(own):
+            self.loader.load_state_dict(own)
+            return
+        self.loader.load_state_dicts([self.ckpt.rank_plain(step_dir, r)["loader"] for r in range(old_world)])
+        self._say(f"data position of {own['world_size']} rank(s) x {own['workers']} worker(s) carried over: "
+                  "the pass goes on where it was")
 
     # ------------------------------------------------------------------ steps
     def run(self) -> int:
@@ -234,6 +242,7 @@ class Trainer:
             f"{resolve_precision(job.deepspeed.precision, self.device)}, steps {self.step} -> {job.train.steps}"
         )
         resumed_at = self.step
+        self.last_save = time.monotonic()
         while self.step < job.train.steps:
             loss, flags = self._train_step()
             self.step += 1
@@ -262,12 +271,16 @@ class Trainer:
             losses.append(float(loss.detach()))
         skipped = skipped_steps(self.engine, self.optimizer_guard) > skipped_before
         finite = [x for x in losses if math.isfinite(x)]
-        # one collective per step: loss sum and count, ranks with a non-finite loss, stop requests
-        total, count, bad, stop = dist.all_reduce_sum(
-            [sum(finite), len(finite), float(len(finite) < len(losses) or skipped), float(self.stop.signal is not None)]
+        every = job.checkpoint.every_minutes
+        save_due = every is not None and time.monotonic() - self.last_save >= 60 * every
+        # one collective per step: loss sum and count, ranks with a non-finite loss, stop requests,
+        # ranks whose checkpoint clock is due
+        total, count, bad, stop, due = dist.all_reduce_sum(
+            [sum(finite), len(finite), float(len(finite) < len(losses) or skipped), float(self.stop.signal is not None),
+             float(save_due)]
         )
         flags = {
-            "lr": lr, "skipped": bad > 0, "stop": stop > 0, "data_wait_s": data_wait,
+            "lr": lr, "skipped": bad > 0, "stop": stop > 0, "save_due": due > 0, "data_wait_s": data_wait,
             "step_time_s": time.perf_counter() - started,
         }
         return (total / count if count else float("nan")), flags
@@ -306,7 +319,8 @@ class Trainer:
             self._say(f"stop requested (signal): saving a checkpoint at step {self.step}")
             self.save()
             return True
-        if self.step % job.checkpoint.every_steps == 0 and self.step < job.train.steps:
+        every_steps = job.checkpoint.every_steps
+        if (flags["save_due"] or every_steps and self.step % every_steps == 0) and self.step < job.train.steps:
             self.save()
         return False
 
@@ -360,9 +374,9 @@ class Trainer:
 
     def _write_grid(self) -> Optional[Path]:
         return write_grid(
-            stage=self.stage, job=self.job, ema_state=self.ema.state_dict(), shapes=self._export_shapes(),
+            spec=self.spec, job=self.job, ema_state=self.ema.state_dict(), shapes=self._export_shapes(),
             buffers=self._buffers(), batch=self.sample_batch, seed=self.job.train.seed,
-            out=self.run_dir / "samples" / f"step_{self.step:07d}.png",
+            out=grid_path(self.run_dir, self.step),
         )
 
     def _export_shapes(self) -> dict[str, list[int]]:
@@ -397,6 +411,7 @@ class Trainer:
             on_written=lambda: self.faults.during_save(self.step),
         )
         seconds = time.perf_counter() - started
+        self.last_save = time.monotonic()
         self.metrics.checkpoint_saved(self.step, seconds)
         self._say(f"checkpoint {path} ({seconds:.1f}s)")
         return path
@@ -417,7 +432,7 @@ def _persistent(module: torch.nn.Module, name: str) -> bool:
     return leaf not in owner._non_persistent_buffers_set
 
 
-def train(job: Any, run_dir: Path, *, resume: bool = True) -> int:
+def train(job: TrainJob, run_dir: Path, *, resume: bool = True) -> int:
     """Train `job` as this process's rank (rank discovery from the environment). Exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     info = dist.world_info_from_env()

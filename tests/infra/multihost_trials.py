@@ -1,6 +1,6 @@
 """Repeated multi-host fault trials behind the figures in docs/RELIABILITY.md (not collected).
 
-    PYTHONPATH=tests .venv/bin/python -m infra.multihost_trials --link-down 5 --init 2 --absent 2 --seed 0
+    .venv/bin/python -m tests.infra.multihost_trials --link-down 5 --init 2 --absent 2 --seed 0
 
 The job is the tiny prior of tests/test_multihost.py (60 steps, a checkpoint every 10,
 `deepspeed.timeout_s: 10`), one rank per host, hosts made by `infra.netns`:
@@ -26,9 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from infra.netns import Hosts
-from infra.nodes import Node, launch_job
-from trainer_helpers import TINY_PRIOR, differing, end_state, env_for_tests, latest_step, merged, write_job
+from tests.helpers import TINY_PRIOR, differing, end_state, env_for_tests, latest_step, merged, write_job
+from tests.infra.netns import Hosts
+from tests.infra.nodes import Node, launch_job
 
 TIMEOUT_S, STEPS, EVERY = 10, 60, 10
 RUN_S = 400
