@@ -42,7 +42,8 @@ def main(args: argparse.Namespace) -> int:
             read_hostfile(Path(args.hostfile))
         except (OSError, ValueError) as err:
             raise ConfigError(f"--hostfile: {err}") from None
-        return _run(hostfile_command(worker, Path(args.hostfile), master_port=args.master_port, master_addr=args.master_addr), args.dry_run)
+        cmd = hostfile_command(worker, Path(args.hostfile), master_port=args.master_port, master_addr=args.master_addr)
+        return _run(cmd, args.dry_run, what="the DeepSpeed launcher")
     if args.nnodes is not None:
         if args.node_rank is None or args.master_addr is None:
             raise ConfigError("--nnodes needs --node-rank and --master-addr (the address of node 0)")
@@ -50,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
             worker, nproc_per_node=args.nproc or _local_devices(), nnodes=args.nnodes, node_rank=args.node_rank,
             master_addr=args.master_addr, master_port=args.master_port, rdzv_timeout_s=job.deepspeed.timeout_s,
         )
-        return _run(cmd, args.dry_run, env=None if args.dry_run else _node_env(args))
+        return _run(cmd, args.dry_run, env=None if args.dry_run else _node_env(args), what=f"node {args.node_rank}")
     nproc = args.nproc or 1
     if args.dry_run:
         print(f"{nproc} local rank(s) of: {shell_join([sys.executable, '-m', 'launch.worker', *worker])}")
@@ -76,11 +77,17 @@ def _node_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], dry_run: bool, env: Optional[dict[str, str]] = None) -> int:
+def _run(cmd: list[str], dry_run: bool, *, what: str, env: Optional[dict[str, str]] = None) -> int:
     print(shell_join(cmd), flush=True)
     if dry_run:
         return EXIT_OK
-    return EXIT_OK if subprocess.run(cmd, env=env).returncode == 0 else EXIT_RUNTIME
+    code = subprocess.run(cmd, env=env).returncode
+    if code == 0:
+        return EXIT_OK
+    print(f"[unclip launch] {what}: the job failed (exit code {code}); the ranks' lines above name the cause. "
+          "Restart every node with the same command to resume from RUN_DIR/checkpoints/latest.",
+          file=sys.stderr, flush=True)
+    return EXIT_RUNTIME
 
 
 def _slurm(job: Any, args: argparse.Namespace, config: Path, run_dir: Path) -> int:
