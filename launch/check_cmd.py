@@ -43,7 +43,7 @@ def check_configs(jobs: list[tuple[str, Any]]) -> Report:
         widths = architecture_widths(job.clip.name)
         if widths is not None:
             for text in compare_clip(expect, name=job.clip.name, pretrained=None, embed_dim=widths[0],
-                                     text_width=widths[1], context_length=widths[2], source=f"its clip.name"):
+                                     text_width=widths[1], context_length=widths[2], source="its clip.name"):
                 report.problem(f"{path}: {text}")
         for pre_path, pre in precomputes:
             widths = architecture_widths(pre.clip.name)

@@ -14,15 +14,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from launch.cli import EXIT_OK, EXIT_RUNTIME
 from launch.launchers import hostfile_command, read_hostfile, run_local, shell_join, torchrun_command, worker_args
 from launch.train_cmd import load_train_job, prepare_run_dir
 from models.config import ConfigError
+from trainer.distributed import choose_socket_interface
 
 
 def main(args: argparse.Namespace) -> int:
@@ -44,15 +46,16 @@ def main(args: argparse.Namespace) -> int:
             read_hostfile(Path(args.hostfile))
         except (OSError, ValueError) as err:
             raise ConfigError(f"--hostfile: {err}") from None
-        return _run(hostfile_command(worker, Path(args.hostfile), master_port=args.master_port), args.dry_run)
+        cmd = hostfile_command(worker, Path(args.hostfile), master_port=args.master_port, master_addr=args.master_addr)
+        return _run(cmd, args.dry_run, what="the DeepSpeed launcher")
     if args.nnodes is not None:
         if args.node_rank is None or args.master_addr is None:
             raise ConfigError("--nnodes needs --node-rank and --master-addr (the address of node 0)")
         cmd = torchrun_command(
             worker, nproc_per_node=args.nproc or _local_devices(), nnodes=args.nnodes, node_rank=args.node_rank,
-            master_addr=args.master_addr, master_port=args.master_port,
+            master_addr=args.master_addr, master_port=args.master_port, rdzv_timeout_s=job.deepspeed.timeout_s,
         )
-        return _run(cmd, args.dry_run)
+        return _run(cmd, args.dry_run, env=None if args.dry_run else _node_env(args), what=f"node {args.node_rank}")
     nproc = args.nproc or 1
     if args.dry_run:
         print(f"{nproc} local rank(s) of: {shell_join([sys.executable, '-m', 'launch.worker', *worker])}")
@@ -66,11 +69,29 @@ def _local_devices() -> int:
     return max(1, torch.cuda.device_count())
 
 
-def _run(cmd: list[str], dry_run: bool) -> int:
+def _node_env(args: argparse.Namespace) -> dict[str, str]:
+    """This node's environment for torchrun: gloo/NCCL on the interface that reaches the master."""
+    env = dict(os.environ)
+    try:
+        chosen = choose_socket_interface(env, args.master_addr, args.master_port)
+    except OSError as err:
+        raise ConfigError(f"--master-addr: {err}") from None
+    if chosen:
+        print(f"[unclip launch] node {args.node_rank}: {chosen}", flush=True)
+    return env
+
+
+def _run(cmd: list[str], dry_run: bool, *, what: str, env: Optional[dict[str, str]] = None) -> int:
     print(shell_join(cmd), flush=True)
     if dry_run:
         return EXIT_OK
-    return EXIT_OK if subprocess.run(cmd).returncode == 0 else EXIT_RUNTIME
+    code = subprocess.run(cmd, env=env).returncode
+    if code == 0:
+        return EXIT_OK
+    print(f"[unclip launch] {what}: the job failed (exit code {code}); the ranks' lines above name the cause. "
+          "Restart every node with the same command to resume from RUN_DIR/checkpoints/latest.",
+          file=sys.stderr, flush=True)
+    return EXIT_RUNTIME
 
 
 def _slurm_spec(job: Any, args: argparse.Namespace) -> Any:

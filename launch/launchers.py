@@ -8,6 +8,7 @@ torchrun and hostfile forms only build command lines; `unclip launch` runs or pr
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import signal
@@ -129,22 +130,42 @@ def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
 def torchrun_command(
     worker: Sequence[str], *, nproc_per_node: int, nnodes: int = 1, node_rank: int = 0,
     master_addr: str = "127.0.0.1", master_port: int = 29500, rdzv: bool = False, python: str = sys.executable,
+    rdzv_timeout_s: Optional[float] = None,
 ) -> list[str]:
-    """A torchrun command line for one node of the job."""
+    """A torchrun command line for one node of the job.
+
+    `rdzv_timeout_s` bounds how long a node waits for the others to join (torchrun's default
+    is 600 s for the static rendezvous and 600 s to join a c10d one); `unclip launch` passes the
+    job's `deepspeed.timeout_s`, so a node that never comes up ends the job like a lost peer.
+    """
     cmd = [python, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}"]
+    timeout = None if rdzv_timeout_s is None else max(1, math.ceil(rdzv_timeout_s))
     if rdzv:  # elastic rendezvous: no fixed node ranks (SLURM, requeue-friendly)
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={master_addr}:{master_port}", "--rdzv-id=$SLURM_JOB_ID"]
+        if timeout is not None:
+            cmd.append(f"--rdzv-conf=join_timeout={timeout}")
     else:
         cmd += [f"--node-rank={node_rank}", f"--master-addr={master_addr}", f"--master-port={master_port}"]
+        if timeout is not None:
+            cmd.append(f"--rdzv-conf=timeout={timeout}")
     return [*cmd, *WORKER, *worker]
 
 
-def hostfile_command(worker: Sequence[str], hostfile: Path, *, master_port: int = 29500) -> list[str]:
-    """The DeepSpeed launcher over the nodes of a hostfile (`host slots=N` per line)."""
-    return [
-        "deepspeed", f"--hostfile={hostfile}", f"--master_port={master_port}", "--no_local_rank",
-        "--module", "launch.worker", *worker,
-    ]
+def hostfile_command(
+    worker: Sequence[str], hostfile: Path, *, master_port: int = 29500, master_addr: Optional[str] = None,
+    python: str = sys.executable,
+) -> list[str]:
+    """The DeepSpeed launcher over the nodes of a hostfile (`host slots=N` per line).
+
+    It reaches every host with pdsh over ssh (passwordless keys, as on any cluster) and starts
+    `slots` ranks there; without `master_addr` the master is the first address that
+    `hostname -I` prints on the first host. Run by this Python, like torchrun, so that the
+    `deepspeed` script need not be on PATH.
+    """
+    cmd = [python, "-m", "deepspeed.launcher.runner", f"--hostfile={hostfile}", f"--master_port={master_port}"]
+    if master_addr:
+        cmd.append(f"--master_addr={master_addr}")
+    return [*cmd, "--no_local_rank", "--module", "launch.worker", *worker]
 
 
 def read_hostfile(path: Path) -> list[tuple[str, int]]:

@@ -36,7 +36,7 @@ def load_train_job(config: str, overrides: list[str]) -> TrainJob:
     return resolve_embedding_scale(job)
 
 
-def resolve_embedding_scale(job: Any) -> Any:
+def resolve_embedding_scale(job: TrainJob) -> TrainJob:
     """`model.image_embed_scale: stats` -> 1 / (mean per-dimension std) of the image embeddings
     in the first source's `stats.json` (written by precompute); the number is what the run's
     config.yaml and checkpoints record."""
@@ -80,7 +80,7 @@ def prepare_run_dir(job: TrainJob, run_dir: Path, *, resume: bool) -> Path:
     return path
 
 
-def preflight(path: str, job: Any, *, world_size: int) -> None:
+def preflight(path: str, job: TrainJob, *, world_size: int) -> None:
     """`unclip check` of this job's data (cheap: listings and manifests); ConfigError naming
     every problem, before any rank starts."""
     from launch.check_cmd import check_configs, preflight_job

@@ -42,13 +42,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         traceback.print_exc()
         print(f"[unclip worker] rank {rank} failed: {type(err).__name__}: {_first_line(err)}", file=sys.stderr, flush=True)
         if _is_lost_peer(err):
-            print(
-                f"[unclip worker] rank {rank}: a collective failed, so another rank is gone or stopped responding "
-                "(deepspeed.timeout_s bounds the wait); the launcher's log names it. The job resumes from "
-                "RUN_DIR/checkpoints/latest when restarted.",
-                file=sys.stderr, flush=True,
-            )
+            print(f"[unclip worker] rank {rank}: {_lost_peer_message()}", file=sys.stderr, flush=True)
         return 1
+
+
+def _lost_peer_message() -> str:
+    from trainer import distributed, liveness
+
+    if not distributed.is_initialized():
+        return (
+            "the process group did not form (deepspeed.timeout_s bounds the wait): a node did not start, died while "
+            "starting, or cannot reach the master (MASTER_ADDR:MASTER_PORT) from its host"
+        )
+    found = liveness.report()  # which rank stopped beating: names the lost node
+    return (
+        "a collective failed, so another rank is gone or stopped responding (deepspeed.timeout_s bounds the "
+        f"wait); {found or 'the launcher log names it'}. The job resumes from RUN_DIR/checkpoints/latest when restarted."
+    )
 
 
 def _first_line(err: BaseException) -> str:
@@ -59,7 +69,10 @@ def _first_line(err: BaseException) -> str:
 def _is_lost_peer(err: BaseException) -> bool:
     """A gloo/NCCL error of a collective whose peer died or hung (timeouts, closed sockets)."""
     text = f"{type(err).__name__} {err}".lower()
-    return any(s in text for s in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "nccl"))
+    return any(s in text for s in (
+        "timed out", "timeout", "connection closed", "connection reset", "connection refused", "broken pipe",
+        "connectfullmesh", "nccl",
+    ))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def slurm():
     """A real one-node SLURM cluster (munged, slurmctld, slurmd) for the session; skips where
-    the binaries are missing or we are not root (`tests/slurm_cluster.py`)."""
-    from tests.slurm_cluster import running_cluster, unavailable
+    the binaries are missing or we are not root (`tests/infra/slurm.py`)."""
+    from tests.infra.slurm import running_cluster, unavailable
 
     reason = unavailable()
     if reason:

@@ -108,3 +108,26 @@ def mean_loss(loss: dict[int, float], steps) -> float:
 
 def explain(done: subprocess.CompletedProcess) -> str:
     return f"exit {done.returncode}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-5000:]}"
+
+
+def end_state(run_dir: Path, step: int, world: int) -> dict:
+    """Everything a resume must reproduce at checkpoint `step`: the fp32 weights (consolidated by
+    DeepSpeed's own tool) and every rank's EMA shard, under one dict ('ema<rank>/...' keys)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from trainer.safe_load import weights_only_loads
+
+    with weights_only_loads():  # zero_to_fp32 would unpickle the shards; it works without
+        state = dict(get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=f"step_{step:07d}"))
+    for r in range(world):
+        shard = load_file(run_dir / "checkpoints" / f"step_{step:07d}" / f"rank_{r:05d}.safetensors")
+        state.update({f"ema{r}/{k}": v for k, v in shard.items()})
+    return state
+
+
+def differing(a: dict, b: dict) -> list[str]:
+    """The keys whose tensors are not bit-identical (or that only one side has)."""
+    import torch
+
+    return sorted(set(a) ^ set(b)) + [k for k in sorted(set(a) & set(b)) if not torch.equal(a[k], b[k])]

@@ -91,7 +91,7 @@ def test_hostfile_command_and_validation(tmp_path, capsys):
     assert read_hostfile(hostfile) == [("node-a", 8), ("node-b", 8)]
     code, out, err = cli(capsys, "launch", "--config", str(config), "--hostfile", str(hostfile), "--dry-run", "--run-dir", str(tmp_path / "r"))
     assert code == 0, err
-    assert out.startswith("deepspeed ") and f"--hostfile={hostfile}" in out
+    assert "-m deepspeed.launcher.runner " in out and f"--hostfile={hostfile}" in out
     assert "--module launch.worker" in out and "--no_local_rank" in out
     hostfile.write_text("node-a 8\n")
     code, out, err = cli(capsys, "launch", "--config", str(config), "--hostfile", str(hostfile), "--dry-run")

@@ -1,6 +1,6 @@
 """`unclip launch --slurm` and `unclip precompute --slurm --array` on a real SLURM cluster.
 
-The `slurm` fixture (tests/conftest.py, tests/slurm_cluster.py) runs Debian's slurmctld,
+The `slurm` fixture (tests/conftest.py, tests/infra/slurm.py) runs Debian's slurmctld,
 slurmd and munged on this machine, one CPU node; every test submits jobs with sbatch, as a
 user would through the unclip CLI, and waits for them (bounded). Training jobs run on the
 CPU node (`--gpus-per-node 0 --nproc 2`): 2 ranks of real DeepSpeed over gloo.
@@ -22,7 +22,7 @@ import pytest
 from data_pipeline.shards import write_shards
 from launch.cli import main as unclip_main
 from launch.launchers import free_port
-from tests.slurm_cluster import TIME_CHECK_PERIOD_S
+from tests.infra.slurm import TIME_CHECK_PERIOD_S
 from tests.test_trainer_run import assert_same, ema_shards, fp32_weights
 from tests.helpers import TINY_PRIOR, explain, latest_step, losses, merged, unclip, write_job
 
@@ -173,7 +173,7 @@ def requeued_by_the_time_limit(slurm, pace: Pace, root: Path) -> tuple[list[int]
     The steps each run stopped at, and the steps of the run.
 
     slurmctld sends the warning at its first 30-s check no earlier than 30 s before it is due
-    (`tests/slurm_cluster.py`). The job is let start just after a check, so with --time 2 and
+    (`tests/infra/slurm.py`). The job is let start just after a check, so with --time 2 and
     --signal-lead 65 the warning is due 25 s after the start and comes at the next check, 29 s
     in; the requeued run starts ~10 s later, so its own warning would come ~50 s into it. The
     run is sized from a recent run's `pace` to be mid-way at 29 s (a machine that starts slowly

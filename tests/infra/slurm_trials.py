@@ -1,9 +1,9 @@
 """Repeated real-SLURM trials behind the figures in docs/RELIABILITY.md (a plain script, not
 collected by pytest). Needs what the `slurm` fixture needs: root and Debian's slurm-wlm, munge.
 
-    .venv/bin/python -m tests.slurm_trials --requeue 5 --time-limit 3 --seed 0
+    .venv/bin/python -m tests.infra.slurm_trials --requeue 5 --time-limit 3 --seed 0
 
-Starts the one-node cluster of `tests/slurm_cluster.py`, runs the uninterrupted reference job
+Starts the one-node cluster of `tests/infra/slurm.py`, runs the uninterrupted reference job
 of `tests/test_slurm_real.py` (tiny prior, 2 CPU ranks, 60 steps), then trials of each kind in
 turn (each time-limit run sized from the pace of the run before it):
 
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.slurm_cluster import running_cluster, unavailable
+from tests.infra.slurm import running_cluster, unavailable
 from tests.test_slurm_real import reference_run, requeued_by_the_time_limit, requeued_mid_run
 
 

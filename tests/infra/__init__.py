@@ -1,0 +1,1 @@
+"""Real infrastructure the tests start on this machine (network namespaces as hosts, sshd)."""
