@@ -8,17 +8,24 @@ import argparse
 import sys
 from pathlib import Path
 
+from data_pipeline.io import join_url, mask_url
+from launch.url_checks import check_run_dir, check_urls
+
 EXIT_OK, EXIT_RUNTIME = 0, 1
 
 
-def targets(run_dirs: list[str], out: str) -> list[tuple[Path, Path]]:
-    """(run dir, export file) pairs: `out` is the file for one run, the folder for several."""
+def targets(run_dirs: list[str], out: str) -> list[tuple[Path, str]]:
+    """(run dir, export file) pairs: `out` is the file for one run, the folder for several;
+    a path or any fsspec URL (kept a string: `Path` would fold `s3://` into `s3:/`)."""
     if len(run_dirs) == 1:
-        return [(Path(run_dirs[0]), Path(out))]
-    return [(Path(run), Path(out) / f"{Path(run).resolve().name}.safetensors") for run in run_dirs]
+        return [(Path(run_dirs[0]), out)]
+    return [(Path(run), join_url(out, f"{Path(run).resolve().name}.safetensors")) for run in run_dirs]
 
 
 def main(args: argparse.Namespace) -> int:
+    for run_dir in args.run_dirs:
+        check_run_dir(run_dir, "RUN_DIR")
+    check_urls("--out", args.out, write=True)
     from trainer.checkpoint import CheckpointError
     from trainer.export import export
 
@@ -30,6 +37,6 @@ def main(args: argparse.Namespace) -> int:
             return EXIT_RUNTIME
         print(
             f"unclip export: {info['stage']} EMA weights of {info['checkpoint']} (step {info['step']}, "
-            f"{info['parameters']:,} values in {info['tensors']} tensors) -> {out}"
+            f"{info['parameters']:,} values in {info['tensors']} tensors) -> {mask_url(out)}"
         )
     return EXIT_OK

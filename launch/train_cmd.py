@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.config_files import dump_config, load_config
+from launch.url_checks import check_data_sources, check_run_dir
 from models.config import ConfigError, config_to_dict
 from trainer.config import TRAIN_JOBS
 
@@ -64,6 +65,8 @@ def main(args: argparse.Namespace) -> int:
     job = load_train_job(args.config, [*args.overrides, *metrics_overrides(args)])
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1 (got {args.nproc})")
+    check_data_sources(job)
+    check_run_dir(args.run_dir)
     run_dir = Path(args.run_dir or Path("runs") / job.name)
     config = prepare_run_dir(job, run_dir, resume=not args.no_resume)
     print(f"[unclip train] {job.stage} job {job.name!r}: {args.nproc} rank(s), run directory {run_dir}", flush=True)

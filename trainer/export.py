@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import Tensor, nn
 
 from models.config import build_config
@@ -51,8 +51,9 @@ def consolidated_ema(step_dir: Path) -> tuple[dict[str, Tensor], dict[str, Any]]
     return {**buffers, **weights}, meta
 
 
-def export(run_or_checkpoint: Path, out: Path, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Write the EMA weights of the latest complete checkpoint to `out` (safetensors)."""
+def export(run_or_checkpoint: Path, out: Union[str, Path], dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Write the EMA weights of the latest complete checkpoint to `out` (safetensors): a path,
+    or any fsspec URL (`s3://bucket/weights/prior.safetensors`)."""
     step_dir = resolve_checkpoint(run_or_checkpoint)
     weights, meta = consolidated_ema(step_dir)
     weights = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
@@ -63,12 +64,22 @@ def export(run_or_checkpoint: Path, out: Path, dtype: torch.dtype = torch.float3
         "weights": "ema",
         "config": json.dumps(meta["config"]),
     }
+    _write(weights, info, out)
+    return {"checkpoint": str(step_dir), "tensors": len(weights), "parameters": sum(v.numel() for v in weights.values()), **info}
+
+
+def _write(weights: dict[str, Tensor], info: dict[str, str], out: Union[str, Path]) -> None:
+    if "://" in str(out):  # an object store: the serialised file, uploaded whole, appears at once
+        from data_pipeline.io import atomic_write
+
+        with atomic_write(str(out)) as f:
+            f.write(save(weights, metadata=info))
+        return
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     save_file(weights, tmp, metadata=info)
     tmp.replace(out)
-    return {"checkpoint": str(step_dir), "tensors": len(weights), "parameters": sum(v.numel() for v in weights.values()), **info}
 
 
 def read_export_info(path: Path) -> dict[str, Any]:
