@@ -28,8 +28,8 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import braceexpand
 import fsspec
-from fsspec.registry import known_implementations
 import webdataset  # noqa: F401  (loads webdataset.gopen, whose scheme table we extend)
+from fsspec.registry import known_implementations
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -127,9 +127,9 @@ def _is_final(err: BaseException) -> bool:
 
 
 def as_oserror(err: BaseException, what: str) -> BaseException:
-    """`err` itself if it is an OSError (or not an Exception), else a StorageError saying
-    `what` failed, with the URLs in the original message masked."""
-    if isinstance(err, OSError) or not isinstance(err, Exception):
+    """A backend's own exception as a StorageError saying `what` failed, with the URLs in its
+    message masked; OSErrors, ValueErrors and TypeErrors (our bugs, bad arguments) unchanged."""
+    if isinstance(err, (OSError, ValueError, TypeError)) or not isinstance(err, Exception):
         return err
     return StorageError(f"{what}: {type(err).__name__}: {_mask_in_text(str(err))}", final=_is_final(err))
 
@@ -272,7 +272,7 @@ def list_dir(url: str) -> list[str]:
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
-    return with_retries(ls, f"list {mask_url(url)}")
+    return with_retries(ls, f"list {mask_url(url)}", attempts=1)
 
 
 def remove(url: str) -> None:
