@@ -18,7 +18,6 @@ import io
 import logging
 import posixpath
 import re
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +27,6 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import braceexpand
 import fsspec
-import webdataset  # noqa: F401  (loads webdataset.gopen, whose scheme table we extend)
 from fsspec.registry import known_implementations
 
 log = logging.getLogger(__name__)
@@ -448,21 +446,3 @@ class _OSErrorFile:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-
-def register_webdataset_opener() -> None:
-    """Route webdataset's own URL opening through fsspec for remote schemes.
-
-    webdataset opens local files, pipes, curl and a few clouds itself; with this, users who
-    build `webdataset.WebDataset("s3://...")` or `("memory://...")` get the same fsspec
-    access (credentials from the usual fsspec config) as our loader.
-    """
-    gopen = sys.modules["webdataset.gopen"]
-
-    def fsspec_gopen(url, mode="rb", bufsize=8192, **kw):
-        return open_url(url, mode)
-
-    for scheme in ("s3", "gs", "gcs", "az", "abfs", "memory", "http", "https", "hf", "file"):
-        gopen.gopen_schemes[scheme] = fsspec_gopen
-
-
-register_webdataset_opener()

@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 from data_pipeline.io import join_url, mask_url
+from launch.cli import EXIT_OK, EXIT_RUNTIME
 from launch.url_checks import check_run_dir, check_urls
-
-EXIT_OK, EXIT_RUNTIME = 0, 1
 
 
 def targets(run_dirs: list[str], out: str) -> list[tuple[Path, str]]:
@@ -26,13 +25,13 @@ def main(args: argparse.Namespace) -> int:
     for run_dir in args.run_dirs:
         check_run_dir(run_dir, "RUN_DIR")
     check_urls("--out", args.out, write=True)
-    from trainer.checkpoint import CheckpointError
+    from models.weights import WeightsError
     from trainer.export import export
 
     for run_dir, out in targets(args.run_dirs, args.out):
         try:
             info = export(run_dir, out)
-        except (CheckpointError, OSError) as err:
+        except (WeightsError, OSError) as err:
             print(f"unclip export: {err}", file=sys.stderr)
             return EXIT_RUNTIME
         print(

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from s3_server import SECRET, s3_server  # noqa: F401  (the session's server fixture)
-from trainer_helpers import TINY_DECODER, explain, latest_step, losses, merged, unclip, write_job
+from tests.s3_server import SECRET, s3_server  # noqa: F401  (the session's server fixture)
+from tests.helpers import TINY_DECODER, explain, latest_step, losses, merged, unclip, write_job
 
 ROOT = Path(__file__).resolve().parent.parent
 PRECOMPUTE = ROOT / "configs" / "demo" / "precompute.yaml"
@@ -154,7 +154,7 @@ def test_exported_weights_written_to_s3_hold_what_a_local_export_holds(s3_server
 
 
 def test_an_unreachable_endpoint_is_one_line_and_exit_1_without_secrets(s3_server):  # noqa: F811
-    from s3_server import _free_port
+    from tests.s3_server import _free_port
 
     env = {**s3_server.credentials, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}", "AWS_MAX_ATTEMPTS": "1"}
     done = unclip("shards", *SHARD_ARGS, "--out", f"s3://{BUCKET}/nowhere", env=env, timeout=180)

@@ -12,7 +12,7 @@ import pytest
 from data_pipeline import io as dio
 from launch.cli import main
 from models.config import ConfigError, build_config
-from trainer_helpers import TINY_DECODER, merged, write_job
+from tests.helpers import TINY_DECODER, merged, write_job
 
 # Azure's fsspec backend (adlfs) is no dependency of ours: az:// stands for any URL whose
 # backend is not installed, as s3:// was before s3fs became one.
