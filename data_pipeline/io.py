@@ -97,7 +97,7 @@ def with_retries(fn: Callable[[], T], what: str, *, attempts: int = 4, base_dela
                 raise as_oserror(err, what) from err
             delay = base_delay * 2**attempt
             log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__,
-                        _mask_in_text(str(err)), attempt + 1, attempts - 1, delay)
+                        mask_urls_in(str(err)), attempt + 1, attempts - 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -129,13 +129,13 @@ def as_oserror(err: BaseException, what: str) -> BaseException:
     message masked; OSErrors, ValueErrors and TypeErrors (our bugs, bad arguments) unchanged."""
     if isinstance(err, (OSError, ValueError, TypeError)) or not isinstance(err, Exception):
         return err
-    return StorageError(f"{what}: {type(err).__name__}: {_mask_in_text(str(err))}", final=_is_final(err))
+    return StorageError(f"{what}: {type(err).__name__}: {mask_urls_in(str(err))}", final=_is_final(err))
 
 
 _URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
 
 
-def _mask_in_text(text: str) -> str:
+def mask_urls_in(text: str) -> str:
     """Mask every URL inside an error message (exceptions often quote the URL)."""
     return _URL_IN_TEXT.sub(lambda m: mask_url(m.group(0)), text)
 
@@ -204,7 +204,7 @@ class HTTPReader(io.RawIOBase):
                 raise FileNotFoundError(f"GET {self.masked}: HTTP {err.code}") from None
             raise ConnectionError(f"GET {self.masked}: HTTP {err.code}") from None
         except urllib.error.URLError as err:
-            raise ConnectionError(f"GET {self.masked}: {_mask_in_text(str(err.reason))}") from None
+            raise ConnectionError(f"GET {self.masked}: {mask_urls_in(str(err.reason))}") from None
         if self.pos and resp.status != 206:
             remaining = self.pos  # no range support: skip what we already have
             while remaining:
@@ -257,8 +257,36 @@ def exists(url: str) -> bool:
 
 
 def makedirs(url: str) -> None:
+    """Folder `url` and its parents, on filesystems; on an object store (no folders there)
+    its bucket must exist (MissingBucketError), and is never created."""
     fs, path = _fs(url)
-    with_retries(lambda: fs.makedirs(path, exist_ok=True), f"mkdir {mask_url(url)}", attempts=1)
+    _make_folder(fs, path, url)
+
+
+# Object stores whose top level is a bucket (container). Their backends' makedirs creates a
+# missing bucket; a mistyped bucket name must fail instead of becoming a new bucket (with
+# the account's default region, access policy and billing).
+_BUCKET_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
+
+
+class MissingBucketError(ValueError):
+    """An object-store URL whose bucket does not exist."""
+
+
+def _make_folder(fs: Any, path: str, url: str) -> None:
+    where = mask_url(url)
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & _BUCKET_STORES:
+        with_retries(lambda: fs.makedirs(path, exist_ok=True), f"mkdir {where}", attempts=1)
+        return
+    bucket = path.split("/", 1)[0]
+    try:  # one HEAD of the bucket: s3fs's and gcsfs's exists() read a refused probe as "absent"
+        with_retries(lambda: fs.info(bucket), f"find the bucket of {where}", attempts=1)
+    except FileNotFoundError:
+        raise MissingBucketError(f"{where}: bucket {bucket} does not exist; create it first "
+                                 f"(unclip never creates buckets: a mistyped name would become a new one)") from None
+    except PermissionError:
+        pass  # may write objects without reading the bucket's metadata: the write will tell
 
 
 def list_dir(url: str) -> list[str]:
@@ -295,7 +323,7 @@ def atomic_write(url: str, mode: str = "wb") -> Iterator[IO]:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     parent = posixpath.dirname(path)
     if parent:
-        with_retries(lambda: fs.makedirs(parent, exist_ok=True), f"mkdir for {where}", attempts=1)
+        _make_folder(fs, parent, url_dirname(url))
     f = with_retries(lambda: fs.open(tmp, mode), f"open {where} for writing", attempts=1)
     if not _is_local(url):
         f = _OSErrorFile(f, where)

@@ -8,8 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from data_pipeline.io import join_url, mask_url
-from launch.cli import EXIT_OK, EXIT_RUNTIME
+from data_pipeline.io import join_url, makedirs, mask_url, mask_urls_in, url_dirname
+from launch.cli import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
 from launch.url_checks import check_run_dir, check_urls
 
 
@@ -28,11 +28,20 @@ def main(args: argparse.Namespace) -> int:
     from models.weights import WeightsError
     from trainer.export import export
 
-    for run_dir, out in targets(args.run_dirs, args.out):
+    pairs = targets(args.run_dirs, args.out)
+    try:  # the output folder, before any checkpoint is read; in an object store, its bucket
+        makedirs(url_dirname(pairs[0][1]))
+    except ValueError as err:
+        print(f"unclip export: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:
+        print(f"unclip export: cannot write {mask_url(args.out)}: {err}", file=sys.stderr)
+        return EXIT_RUNTIME
+    for run_dir, out in pairs:
         try:
             info = export(run_dir, out)
         except (WeightsError, OSError) as err:
-            print(f"unclip export: {err}", file=sys.stderr)
+            print(f"unclip export: {mask_urls_in(str(err))}", file=sys.stderr)
             return EXIT_RUNTIME
         print(
             f"unclip export: {info['stage']} EMA weights of {info['checkpoint']} (step {info['step']}, "

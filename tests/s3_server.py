@@ -3,7 +3,8 @@ as its own process on a free 127.0.0.1 port, once per test session.
 
 Commands under test reach it the way users reach MinIO or Ceph: `AWS_ENDPOINT_URL` (or a
 config's `storage_options.endpoint_url`) and credentials in the standard AWS variables. The
-secret is a distinctive string, so tests can assert it never reaches any output.
+secret is a distinctive string, so tests can assert it never reaches any output. The
+session's one server is the `s3_server` fixture (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -15,15 +16,12 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Iterator
-
-import pytest
 
 START_TIMEOUT_S = 60.0
 SECRET = "unclip-test-secret-7f3a9c"  # must never appear in anything a command prints
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -33,7 +31,7 @@ class S3Server:
     """One moto server process; `env` reaches it like any S3-compatible endpoint."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
@@ -51,7 +49,7 @@ class S3Server:
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"moto server not answering on {self.endpoint} after {START_TIMEOUT_S:.0f}s")
+                    raise RuntimeError(f"moto server not answering on {self.endpoint} after {START_TIMEOUT_S:.0f}s") from None
                 time.sleep(0.1)
 
     def log(self) -> str:
@@ -89,11 +87,3 @@ class S3Server:
                 self.proc.wait(timeout=10)
         self._log.close()
 
-
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    server = S3Server()
-    try:
-        yield server
-    finally:
-        server.stop()

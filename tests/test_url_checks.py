@@ -4,8 +4,6 @@ per-location storage options and error types of data_pipeline.io."""
 
 from __future__ import annotations
 
-import json
-
 import fsspec
 import pytest
 
@@ -43,12 +41,14 @@ def commands(tmp_path) -> dict[str, list[str]]:
         "launch data.sources": ["launch", "--config", decoder_job(tmp_path, f"{MISSING}/s.tar"), "--nproc", "1",
                                 "--run-dir", str(tmp_path / "o")],
         "export --out": ["export", str(tmp_path / "o"), "--out", f"{MISSING}/w.safetensors"],
+        "sample --weights": ["sample", "--weights", str(tmp_path / "clip.safetensors"), f"{MISSING}/w.safetensors",
+                             "--prompt", "a red circle", "--out", str(tmp_path / "o")],
     }
 
 
 @pytest.mark.parametrize("command", ["shards --out", "shards --source table", "precompute --shards",
                                      "precompute --out", "train data.sources", "train embeddings",
-                                     "launch data.sources", "export --out"])
+                                     "launch data.sources", "export --out", "sample --weights"])
 def test_a_url_without_its_backend_is_one_line_and_exit_2_before_any_work(command, tmp_path, capsys):
     argv = commands(tmp_path)[command]
     assert main(argv) == 2
@@ -185,3 +185,21 @@ def test_a_remote_read_cut_off_mid_shard_is_an_oserror_the_tar_reader_skips(monk
     skips = SkipCounter()
     assert [s.key for s in tario.iter_tar("s3://b/s.tar", skips)] == ["k0"]
     assert skips.as_dict() == {"truncated_tar": 1}
+
+
+def test_export_files_round_trip_through_any_fsspec_url_and_file_urls_are_paths(tmp_path):
+    import torch
+
+    from models.weights import StageWeights, WeightsError, read_weights, write_export
+
+    weights = StageWeights("prior", 7, {"stage": "prior"}, {"w": torch.randn(3, 4), "n": torch.arange(5)}, "test")
+    for url in ("memory://exports/prior.safetensors", f"file://{tmp_path}/sub/prior.safetensors"):
+        write_export(weights, url)
+        back = read_weights(url)
+        assert (back.stage, back.step, back.config) == ("prior", 7, {"stage": "prior"})
+        assert back.source == url.removeprefix("file://")
+        assert back.state.keys() == weights.state.keys()
+        assert all(torch.equal(back.state[k], weights.state[k]) for k in weights.state)
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["prior.safetensors"]  # renamed into place
+    with pytest.raises(WeightsError, match="^cannot read memory://exports/none.safetensors: no such file$"):
+        read_weights("memory://exports/none.safetensors")
