@@ -74,3 +74,5 @@ class PrecomputeConfig:
     text_encodings: bool = False
     num_workers: NonNegativeInt = 2
     device: Optional[str] = None  # None: cuda if available, else cpu
+    # clip-retrieval: also write OUT/img_emb, text_emb, metadata (data_pipeline.clip_retrieval_export)
+    format: Literal["webdataset", "clip-retrieval"] = "webdataset"

@@ -31,6 +31,7 @@ from data_pipeline.stats import SkipCounter
 from data_pipeline.tario import DEFAULT_MAX_MEMBER_BYTES, RawSample, iter_tar
 
 MANIFEST = "embeddings.json"
+SHARD_INDEX = "shards.json"  # every embedding shard's record, merged by precompute
 IMG_EMB, TXT_EMB, TXT_ENC = "img_emb.npy", "txt_emb.npy", "txt_enc.npy"
 JOIN_LOOKAHEAD = 4096  # embedding records held while looking for an image's key
 
@@ -158,13 +159,15 @@ def iter_clip_retrieval(root: str, part: str, skips: SkipCounter, *, start: int 
                         chunk: int = 4096) -> Iterator[RawSample]:
     """Rows of part `part` from row `start`: fields `img_emb` / `txt_emb` (arrays) and `txt`.
 
-    Captions come from `metadata/metadata_{part}.parquet` (column `caption`) when present.
+    Captions and keys come from `metadata/metadata_{part}.parquet` when present: columns
+    `caption`, and `key` (img2dataset's, carried by clip-retrieval from the webdataset) or
+    `image_path`; without them a row's key is `{part}_{row:09d}`.
     """
     where = f"{mask_url(root)} part {part}"
     try:
         img = NpyRows(join_url(root, f"img_emb/img_emb_{part}.npy"))
         txt = NpyRows(join_url(root, f"text_emb/text_emb_{part}.npy")) if want_text else None
-        captions = _read_captions(join_url(root, f"metadata/metadata_{part}.parquet"))
+        captions, keys = _read_metadata(join_url(root, f"metadata/metadata_{part}.parquet"))
     except (OSError, ValueError, EOFError) as err:
         skips.skip("unreadable_source", f"{where} ({type(err).__name__}: {err})")
         return
@@ -172,8 +175,8 @@ def iter_clip_retrieval(root: str, part: str, skips: SkipCounter, *, start: int 
         if txt is not None and txt.rows != img.rows:
             skips.skip("unreadable_source", f"{where}: {img.rows} image rows but {txt.rows} text rows")
             return
-        if captions is not None and len(captions) != img.rows:
-            skips.skip("unreadable_source", f"{where}: {img.rows} rows but {len(captions)} captions")
+        if captions is not None and len(captions) != img.rows or keys is not None and len(keys) != img.rows:
+            skips.skip("unreadable_source", f"{where}: {img.rows} rows but metadata for {len(captions or keys)}")
             return
         for begin in range(start, img.rows, chunk):
             img_rows = img.read(begin, chunk)
@@ -185,7 +188,8 @@ def iter_clip_retrieval(root: str, part: str, skips: SkipCounter, *, start: int 
                     fields["txt_emb"] = txt_rows[i]
                 if captions is not None and captions[row] is not None:
                     fields["txt"] = str(captions[row]).encode("utf-8")
-                yield RawSample(f"{part}_{row:09d}", fields, root, row)
+                key = str(keys[row]) if keys is not None and keys[row] is not None else f"{part}_{row:09d}"
+                yield RawSample(key, fields, root, row)
     except (OSError, EOFError) as err:
         skips.skip("truncated_tar", f"{where} ({type(err).__name__})")
     finally:
@@ -194,12 +198,17 @@ def iter_clip_retrieval(root: str, part: str, skips: SkipCounter, *, start: int 
             txt.close()
 
 
-def _read_captions(url: str) -> Optional[list]:
+def _read_metadata(url: str) -> tuple[Optional[list], Optional[list]]:
+    """(captions, keys) of a part's metadata parquet; None for what it does not have."""
     if not exists(url):
-        return None
+        return None, None
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(io.BytesIO(read_bytes(url)))
-    if "caption" not in parquet.schema_arrow.names:
-        return None
-    return parquet.read(columns=["caption"]).column("caption").to_pylist()
+    names = parquet.schema_arrow.names
+    key_column = next((c for c in ("key", "image_path") if c in names), None)
+    columns = [c for c in ("caption", key_column) if c in names]
+    table = parquet.read(columns=columns) if columns else None
+    captions = table.column("caption").to_pylist() if "caption" in columns else None
+    keys = table.column(key_column).to_pylist() if key_column else None
+    return captions, keys

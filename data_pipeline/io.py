@@ -256,6 +256,14 @@ def exists(url: str) -> bool:
     return with_retries(lambda: fs.exists(path), f"stat {mask_url(url)}")
 
 
+def size_of(url: str) -> Optional[int]:
+    """The size in bytes of the file at `url` (None for http(s), where it costs a request)."""
+    if _is_http(url):
+        return None
+    fs, path = _fs(url)
+    return int(with_retries(lambda: fs.size(path), f"stat {mask_url(url)}"))
+
+
 def makedirs(url: str) -> None:
     """Folder `url` and its parents, on filesystems; on an object store (no folders there)
     its bucket must exist (MissingBucketError), and is never created."""
@@ -297,6 +305,20 @@ def list_dir(url: str) -> list[str]:
         if not fs.exists(path):
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+    return with_retries(ls, f"list {mask_url(url)}", attempts=1)
+
+
+def list_sizes(url: str) -> dict[str, int]:
+    """Name -> size in bytes of the files in folder `url` (one listing; empty if it does not exist)."""
+    fs, path = _fs(url)
+
+    def ls() -> dict[str, int]:
+        if not fs.exists(path):
+            return {}
+        entries = fs.ls(path, detail=True)
+        return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
+                for e in entries if e.get("type", "file") == "file"}
 
     return with_retries(ls, f"list {mask_url(url)}", attempts=1)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -26,9 +27,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import PrecomputeConfig
 from data_pipeline.decode import Skip, decode_caption, find_image, image_to_uint8, open_image, resize_center_crop
-from data_pipeline.embeddings import EmbeddingManifest, embedding_fields, embedding_shard_url, read_manifest, write_manifest
+from data_pipeline.embed_stats import EmbedStats, shard_stats_bytes, shard_stats_from_bytes, write_stats
+from data_pipeline.embeddings import SHARD_INDEX, EmbeddingManifest, embedding_fields, embedding_shard_url, read_manifest, write_manifest
 from data_pipeline.io import (atomic_write, exists, expand_urls, join_url, list_dir, makedirs, mask_url, read_bytes, remove,
-                              set_storage_options, url_basename, url_dirname)
+                              set_storage_options, size_of, url_basename, url_dirname)
+from data_pipeline.manifests import count_shards
 from data_pipeline.shards import SIZES_MANIFEST
 from data_pipeline.stats import SkipCounter
 from data_pipeline.stream import keep_batch
@@ -51,6 +54,7 @@ class PrecomputeSummary:
     samples: int
     skipped: dict[str, int]
     seconds: float
+    inputs: str = ""  # what the inputs' manifests say (sizes.json, img2dataset's failed downloads)
 
     @property
     def samples_per_second(self) -> float:
@@ -58,9 +62,10 @@ class PrecomputeSummary:
 
     def summary(self) -> str:
         skipped = ", ".join(f"{k}={v}" for k, v in self.skipped.items()) or "none"
+        inputs = f"; inputs: {self.inputs}" if self.inputs else ""
         return (f"rank {self.rank}/{self.world_size}: {self.shards_written} shard(s) written, "
                 f"{self.shards_already_done} already done, {self.samples} samples in {self.seconds:.1f}s "
-                f"({self.samples_per_second:.1f} samples/s); skipped: {skipped}")
+                f"({self.samples_per_second:.1f} samples/s); skipped: {skipped}{inputs}")
 
 
 def _process_group_rank() -> tuple[int, int]:
@@ -83,7 +88,9 @@ class _ShardBatches(IterableDataset):
         for shard in self.shards[worker::workers]:
             skips = SkipCounter()
             keys, images, captions = [], [], []
+            first_key = None
             for raw in iter_tar(shard, skips):
+                first_key = raw.key if first_key is None else first_key
                 try:
                     caption = decode_caption(raw.fields)
                     img = resize_center_crop(open_image(find_image(raw.fields), draft_size=self.image_size), self.image_size)
@@ -98,11 +105,19 @@ class _ShardBatches(IterableDataset):
                     keys, images, captions = [], [], []
             if keys:
                 yield self._batch(shard, keys, images, captions)
-            yield {"shard": shard, "final": True, "skipped": skips.as_dict()}
+            yield {"shard": shard, "final": True, "skipped": skips.as_dict(), "source_bytes": _size_or_none(shard),
+                   "source_first_key": first_key}
 
     def _batch(self, shard: str, keys: list, images: list, captions: list) -> dict[str, Any]:
         return {"shard": shard, "final": False, "key": keys, "image": torch.from_numpy(np.stack(images)), "caption": captions,
                 "tokens": self.tokenize(captions)}
+
+
+def _size_or_none(url: str) -> Optional[int]:
+    try:
+        return size_of(url)
+    except OSError:
+        return None
 
 
 def _manifest(cfg: PrecomputeConfig, clip: ClipAdapter) -> EmbeddingManifest:
@@ -135,14 +150,23 @@ def _remove_stale_temporaries(out: str, names: set[str]) -> None:
 
 
 def merge_sizes(out: str) -> dict[str, int]:
-    """Write `OUT/sizes.json` from the per-shard sidecars present now; returns it."""
-    sizes = {}
-    entries = list_dir(out)
-    for entry in entries:
-        if entry.endswith(".tar.json") and entry[: -len(".json")] in entries:
-            sizes[entry[: -len(".json")]] = json.loads(read_bytes(join_url(out, entry)))["count"]
+    """Write `OUT/sizes.json`, `OUT/shards.json` (every sidecar) and `OUT/stats.json` (the
+    embedding statistics) from the per-shard files present now; returns the sizes."""
+    index, stats = {}, []
+    entries = set(list_dir(out))
+    for entry in sorted(entries):
+        name = entry[: -len(".json")]
+        if entry.endswith(".tar.json") and name in entries:
+            index[name] = json.loads(read_bytes(join_url(out, entry)))
+            if f"{name}.stats.npy" in entries:
+                stats.append(shard_stats_from_bytes(read_bytes(join_url(out, f"{name}.stats.npy"))))
+    sizes = {name: record["count"] for name, record in index.items()}
     with atomic_write(join_url(out, SIZES_MANIFEST), "w") as f:
         json.dump(sizes, f, indent=1, sort_keys=True)
+    with atomic_write(join_url(out, SHARD_INDEX), "w") as f:
+        json.dump(index, f, indent=1, sort_keys=True)
+    if stats:
+        write_stats(out, stats)
     return sizes
 
 
@@ -203,6 +227,10 @@ def run_precompute(
     skips, samples, written = SkipCounter(), 0, 0
     if todo:
         samples, written = _embed_shards(cfg, clip, todo, out, skips, progress and rank == 0, on_batch, on_progress)
+    if cfg.format == "clip-retrieval":
+        from data_pipeline.clip_retrieval_export import export_parts
+
+        export_parts(out, urls, mine, clip.embed_dim)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         if rank == 0:
@@ -210,7 +238,7 @@ def run_precompute(
     else:
         _finish_job(out, urls)  # job arrays: whichever rank finishes last completes it
     summary = PrecomputeSummary(rank, world_size, len(mine), written, len(mine) - len(todo), samples,
-                                skips.as_dict(), time.perf_counter() - start)
+                                skips.as_dict(), time.perf_counter() - start, count_shards(mine).summary())
     log.info("%s", summary.summary())
     return summary
 
@@ -226,6 +254,7 @@ def _embed_shards(cfg: PrecomputeConfig, clip: ClipAdapter, todo: list[str], out
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=keep_batch,
                         multiprocessing_context="fork" if workers else None)
     writers: dict[str, TarWriter] = {}
+    stats: dict[str, dict[str, EmbedStats]] = {}
     samples = written = batches = 0
     bar = tqdm(total=len(todo), unit="shard", disable=not progress, dynamic_ncols=True)
     try:
@@ -234,14 +263,15 @@ def _embed_shards(cfg: PrecomputeConfig, clip: ClipAdapter, todo: list[str], out
             writer = writers.get(shard)
             if writer is None:
                 writer = writers[shard] = TarWriter(embedding_shard_url(out, shard))
+                stats[shard] = {"image_embed": EmbedStats(clip.embed_dim), "text_embed": EmbedStats(clip.embed_dim)}
             if item["final"]:
-                _finish_shard(writers.pop(shard), item["skipped"], skips)
+                _finish_shard(writers.pop(shard), item, stats.pop(shard), skips)
                 written += 1
                 bar.update(1)
                 if on_progress is not None:
                     on_progress(samples, written, skips.as_dict())
                 continue
-            _write_batch(writer, clip, item, cfg.text_encodings)
+            _write_batch(writer, clip, item, cfg.text_encodings, stats[shard])
             samples += len(item["key"])
             batches += 1
             elapsed = bar.format_dict["elapsed"] or 1e-9
@@ -258,18 +288,33 @@ def _embed_shards(cfg: PrecomputeConfig, clip: ClipAdapter, todo: list[str], out
 
 
 @torch.no_grad()
-def _write_batch(writer: TarWriter, clip: ClipAdapter, item: dict[str, Any], with_encodings: bool) -> None:
+def _write_batch(writer: TarWriter, clip: ClipAdapter, item: dict[str, Any], with_encodings: bool,
+                 stats: dict[str, EmbedStats]) -> None:
     image_embed = clip.encode_image(from_uint8(item["image"].to(clip.device))).cpu().numpy()  # [B, H, W, 3] uint8
     text_embed, text_encodings, text_mask = (t.cpu().numpy() for t in clip.encode_text(item["tokens"]))
+    # statistics of what readers get: the fp16 values stored
+    stats["image_embed"].add(image_embed.astype(np.float16))
+    stats["text_embed"].add(text_embed.astype(np.float16))
     for i, key in enumerate(item["key"]):
         enc = text_encodings[i] if with_encodings else None
         writer.write(key, embedding_fields(item["caption"][i], image_embed[i], text_embed[i], enc, text_mask[i]))
 
 
-def _finish_shard(writer: TarWriter, skipped: dict[str, int], total: SkipCounter) -> None:
-    # Sidecar first, shard last: the shard's final name is the one mark of completion.
+def _finish_shard(writer: TarWriter, final: dict[str, Any], stats: dict[str, EmbedStats], total: SkipCounter) -> None:
+    # Sidecars first, shard last: the shard's final name is the one mark of completion. The
+    # sidecar names the image shard and its size then, and this shard's size: `unclip check`
+    # compares them with listings to find shards swapped, renamed or rewritten since.
+    skipped = final["skipped"]
+    writer.finish()
+    keys = writer.keys
+    record = {"count": writer.count, "skipped": skipped, "source": url_basename(final["shard"]),
+              "source_bytes": final.get("source_bytes"), "source_first_key": final.get("source_first_key"), "bytes": writer.size,
+              "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None,
+              "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()}
+    with atomic_write(writer.url + ".stats.npy", "wb") as f:
+        f.write(shard_stats_bytes(stats))
     with atomic_write(writer.url + ".json", "w") as f:
-        json.dump({"count": writer.count, "skipped": skipped}, f, sort_keys=True)
+        json.dump(record, f, sort_keys=True)
     writer.close()
     total.update(skipped)
     for reason, n in skipped.items():

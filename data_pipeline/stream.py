@@ -15,157 +15,31 @@ The chain, and why each step sits where it does:
    by reason (shipped to the main process with each batch, `loader.skipped`).
 4. Batches are built in the worker and carry the slot's position; the main process keeps
    the position of the last batch it handed out, per slot (`loader.state_dict()`).
+5. At another layout (world size or worker count), `load_state_dicts(every old rank's
+   position)` deals the old layout's unfinished pass over the new slots (data_pipeline.reshard).
+
+Positions and slot streams live in data_pipeline.cursor.
 """
 
 from __future__ import annotations
 
-import math
-import random
 from typing import Any, Callable, Iterator, Optional
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import DataConfig
+from data_pipeline.cursor import EmptySourceError, SlotReader, SlotStream, at_epoch_start
 from data_pipeline.decode import Skip
 from data_pipeline.io import mask_url
+from data_pipeline.reshard import carry_over, split_skips
 from data_pipeline.sources import ExampleSpec, SourcePlan, collate, plan_sources, to_example
 from data_pipeline.stats import SkipCounter
-from data_pipeline.tario import RawSample
 
-STATE_VERSION = 1
+__all__ = ["EmptySourceError", "SlotStream", "StreamLoader", "build_loader"]
 
-
-class EmptySourceError(RuntimeError):
-    """A source yielded no sample at all: an error, never a silently empty epoch."""
-
-
-class SourceCursor:
-    """Position in one source for one slot: (epoch, unit number, samples read from it)."""
-
-    def __init__(self, plan: SourcePlan, slot: int, total_slots: int, seed: int, resampled: bool,
-                 skips: SkipCounter, state: Optional[dict] = None):
-        self.plan, self.slot, self.total_slots = plan, slot, total_slots
-        self.seed, self.resampled, self.skips = seed, resampled, skips
-        state = state or {"epoch": 0, "unit": 0, "offset": 0}
-        self.epoch, self.unit, self.offset = state["epoch"], state["unit"], state["offset"]
-        self._units_epoch: Optional[int] = None
-        self._units: list[str] = []
-        self._records: Optional[Iterator[RawSample]] = None
-        self._units_without_samples = 0
-        self.read_total = 0
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "unit": self.unit, "offset": self.offset}
-
-    def units(self) -> list[str]:
-        if self._units_epoch != self.epoch:
-            all_units = self.plan.units
-            if self.resampled:
-                rng = random.Random(f"{self.seed}:{self.plan.index}:{self.slot}:{self.epoch}")
-                self._units = rng.choices(all_units, k=max(1, math.ceil(len(all_units) / self.total_slots)))
-            else:
-                order = list(all_units)
-                random.Random(f"{self.seed}:{self.plan.index}:{self.epoch}").shuffle(order)
-                self._units = order[self.slot :: self.total_slots]
-            self._units_epoch = self.epoch
-        return self._units
-
-    def next(self) -> Optional[RawSample]:
-        """The next raw sample, or None when this epoch's units are done (epoch mode)."""
-        while True:
-            if self._records is None:
-                units = self.units()
-                if self.unit >= len(units):
-                    if not self.resampled:
-                        return None
-                    self.epoch, self.unit, self.offset = self.epoch + 1, 0, 0
-                    continue
-                self._check_not_empty()
-                self._records = self.plan.read(units[self.unit], self.skips, self.offset)
-                self._units_without_samples += 1
-            record = next(self._records, None)
-            if record is None:
-                self._records = None
-                self.unit, self.offset = self.unit + 1, 0
-                continue
-            self.offset += 1
-            self.read_total += 1
-            self._units_without_samples = 0
-            return record
-
-    def _check_not_empty(self) -> None:
-        # Resampled: this many draws in a row without a sample mean there is (almost surely)
-        # nothing readable in the source. Epoch mode is checked per pass by the loader.
-        if self.resampled and self._units_without_samples >= 10 * len(self.plan.units) + 10:
-            raise EmptySourceError(f"{self.plan.name()} yielded no samples from {self._units_without_samples} "
-                                   f"shard(s) in a row (skipped so far: {self.skips.as_dict()})")
-
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch, self.unit, self.offset = epoch, 0, 0
-        self._records = None
-
-
-class SlotStream:
-    """The shuffled, mixed stream of raw samples of one slot, with an exact position."""
-
-    def __init__(self, plans: list[SourcePlan], slot: int, total_slots: int, *, seed: int, resampled: bool,
-                 shuffle_buffer: int, skips: SkipCounter, state: Optional[dict] = None):
-        self.plans, self.slot, self.seed, self.resampled = plans, slot, seed, resampled
-        self.shuffle = shuffle_buffer > 0
-        self.block_size = shuffle_buffer if shuffle_buffer > 0 else 256
-        self.weights = [p.weight for p in plans]
-        state = state or {"epoch": 0, "block": 0, "emitted": 0, "cursors": [None] * len(plans)}
-        self._resumed_mid_epoch = not _at_epoch_start(state)
-        self.epoch, self.block, self.emitted = state["epoch"], state["block"], state["emitted"]
-        self.cursors = [SourceCursor(p, slot, total_slots, seed, resampled, skips, c)
-                        for p, c in zip(plans, state["cursors"])]
-        self._block_start = [c.state() for c in self.cursors]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "block": self.block, "emitted": self.emitted, "cursors": self._block_start}
-
-    def _read_block(self) -> list[RawSample]:
-        self._block_start = [c.state() for c in self.cursors]
-        rng = random.Random(f"{self.seed}:{self.slot}:{self.epoch}:{self.block}")
-        active = list(range(len(self.cursors)))
-        records: list[RawSample] = []
-        while len(records) < self.block_size and active:
-            i = active[0] if len(active) == 1 else rng.choices(active, [self.weights[a] for a in active])[0]
-            record = self.cursors[i].next()
-            if record is None:
-                active.remove(i)
-            else:
-                records.append(record)
-        if self.shuffle:
-            rng.shuffle(records)
-        return records
-
-    def __iter__(self) -> Iterator[RawSample]:
-        """Resampled: endless. Epoch mode: the rest of the current epoch (or, if that is
-        already finished, the next one), after which the position is the next epoch's start."""
-        produced = 0
-        while True:
-            records = self._read_block()
-            start, self.emitted = self.emitted, self.emitted
-            for i in range(start, len(records)):
-                self.emitted = i + 1
-                produced += 1
-                yield records[i]
-            if len(records) == self.block_size or self.resampled:
-                self.block, self.emitted = self.block + 1, 0
-                continue
-            restored_finished_epoch = produced == 0 and self._resumed_mid_epoch
-            self._resumed_mid_epoch = False
-            self.epoch, self.block, self.emitted = self.epoch + 1, 0, 0
-            for cursor in self.cursors:
-                cursor.start_epoch(self.epoch)
-            self._block_start = [c.state() for c in self.cursors]
-            if not restored_finished_epoch:
-                return
-
-    def read_counts(self) -> list[int]:
-        """Raw samples read per source since this stream was built."""
-        return [c.read_total for c in self.cursors]
+# 2: positions record each block's end and length (needed to carry them to another layout)
+STATE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class _BatchStream(IterableDataset):
@@ -189,7 +63,7 @@ class _BatchStream(IterableDataset):
         position = ((info.id if info is not None else 0) + self.rotation) % self.workers
         slot = self.rank * self.workers + position
         skips = SkipCounter()
-        stream = SlotStream(self.plans, slot, self.total_slots,
+        stream = SlotReader(self.plans, slot, self.total_slots,
                             seed=self.seed, resampled=self.resampled, shuffle_buffer=self.shuffle_buffer,
                             skips=skips, state=self.slot_states.get(slot))
         reported = [0] * len(self.plans)
@@ -216,14 +90,14 @@ class _BatchStream(IterableDataset):
         yield {"_meta": meta(True)}
 
 
+def _check_version(state: dict) -> None:
+    if state.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"data position has version {state.get('version')}, expected one of {READABLE_VERSIONS}")
+
+
 def keep_batch(item: Any) -> Any:
     """Batches are collated in the worker; skip DataLoader's recursive default_convert."""
     return item
-
-
-def _at_epoch_start(state: dict) -> bool:
-    start = {"epoch": state["epoch"], "unit": 0, "offset": 0}
-    return state["block"] == 0 and state["emitted"] == 0 and all(c in (None, start) for c in state["cursors"])
 
 
 class StreamLoader:
@@ -270,19 +144,40 @@ class StreamLoader:
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "world_size": self.world_size, "workers": self.workers,
                 "rank": self.rank, "rotation": self._rotation, "skipped": self.skipped,
-                "slots": {str(k): v for k, v in self._slot_states.items()}}
+                "shuffle_buffer": self.cfg.shuffle_buffer, "slots": {str(k): v for k, v in self._slot_states.items()}}
+
+    def layout_matches(self, state: dict) -> bool:
+        """Whether `state` was saved by this layout (world size and workers): then this rank's
+        own position is all it needs; otherwise every old rank's (`load_state_dicts`)."""
+        return (state["world_size"], state["workers"]) == (self.world_size, self.workers)
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data position has version {state.get('version')}, expected {STATE_VERSION}")
-        if (state["world_size"], state["workers"]) != (self.world_size, self.workers):
+        """Continue exactly where this rank's `state_dict()` left off (same layout)."""
+        _check_version(state)
+        if not self.layout_matches(state):
             raise ValueError(f"data position was saved with {state['world_size']} rank(s) x {state['workers']} "
-                             f"worker(s); this run has {self.world_size} x {self.workers}: resume with the same "
-                             f"data.num_workers and world size")
+                             f"worker(s); this run has {self.world_size} x {self.workers}: give every old rank's "
+                             f"position to load_state_dicts to carry it over")
         self._slot_states = {int(k): v for k, v in state["slots"].items()}
         self._rotation = int(state["rotation"])
         self._skips = SkipCounter()
         self._skips.update(state.get("skipped", {}))
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Continue the pass that the job which saved `states` (every rank's `state_dict()`, in
+        rank order) was in, at this loader's layout: each sample of it not yet delivered is
+        delivered once by the new ranks (see data_pipeline.reshard and docs/training.md)."""
+        for state in states:
+            _check_version(state)
+        if len(states) == self.world_size and self.layout_matches(states[self.rank]):
+            self.load_state_dict(states[self.rank])
+            return
+        mine = range(self.rank * self.workers, (self.rank + 1) * self.workers)
+        self._slot_states = carry_over(self.plans, states, seed=self.cfg.seed, resampled=self.cfg.resampled,
+                                       shuffle_buffer=self.cfg.shuffle_buffer, total_slots=self.total_slots, slots=mine)
+        self._rotation = 0
+        self._skips = SkipCounter()
+        self._skips.update(split_skips(states, self.rank, self.world_size))
 
     def _dataset(self) -> _BatchStream:
         return _BatchStream(self.plans, self.spec, batch_size=self.batch_size, rank=self.rank, workers=self.workers,
@@ -291,7 +186,7 @@ class StreamLoader:
                             rotation=self._rotation)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        at_epoch_start = all(_at_epoch_start(s) for s in self._slot_states.values())
+        whole_epoch = all(map(at_epoch_start, self._slot_states.values()))
         read = [0] * len(self.plans)
         loader = DataLoader(self._dataset(), batch_size=None, num_workers=self.cfg.num_workers, collate_fn=keep_batch,
                             persistent_workers=False, prefetch_factor=2 if self.cfg.num_workers else None,
@@ -307,7 +202,7 @@ class StreamLoader:
             yield item
         self.epoch_passes += 1
         for plan, n in zip(self.plans, read):
-            if n == 0 and at_epoch_start:
+            if n == 0 and whole_epoch:
                 raise EmptySourceError(f"{plan.name()} yielded no samples in a whole epoch "
                                        f"(skipped by reason: {self.skipped})")
 

@@ -136,6 +136,8 @@ class TarWriter:
         self._file = self._ctx.__enter__()
         self._offset = 0
         self.count = 0
+        self.keys: list[str] = []  # in the order written
+        self.size: Optional[int] = None  # bytes, once finished
 
     def write(self, key: str, fields: dict[str, bytes]) -> None:
         if "." in posixpath.basename(key) or not is_safe_member_name(key):
@@ -147,13 +149,20 @@ class TarWriter:
         self._file.write(blob)
         self._offset += len(blob)
         self.count += 1
+        self.keys.append(key)
 
     def _finish_archive(self) -> None:
         end = self._offset + 2 * tarfile.BLOCKSIZE
         self._file.write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+        self.size = end + (-end % tarfile.RECORDSIZE)  # the finished file's bytes
+
+    def finish(self) -> None:
+        """Write the archive's end (its size is then known); `close` renames it into place."""
+        if self.size is None:
+            self._finish_archive()
 
     def close(self) -> None:
-        self._finish_archive()
+        self.finish()
         self._ctx.__exit__(None, None, None)
 
     def abort(self) -> None:

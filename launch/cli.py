@@ -26,6 +26,7 @@ HANDLERS: dict[str, str] = {
     "sample": "launch.sample_cmd:main",
     "launch": "launch.launch_cmd:main",
     "report": "launch.report_cmd:main",
+    "check": "launch.check_cmd:main",
 }
 
 
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="local processes")
     p.add_argument("--rank", type=int, help="this job's index in a job array")
     p.add_argument("--world-size", type=int, help="size of the job array")
+    p.add_argument("--format", choices=["webdataset", "clip-retrieval"],
+                   help="clip-retrieval: also write img_emb/, text_emb/, metadata/ (clip-retrieval's layout)")
     _add_overrides(p)
     _add_metrics(p)
 
@@ -130,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", default="24:00:00", help="SLURM: time limit")
     p.add_argument("--partition", help="SLURM: partition")
     p.add_argument("--account", help="SLURM: account")
+    _add_overrides(p)
+
+    p = sub.add_parser("check", help="preflight: data reachable and counted, embeddings aligned, CLIP widths (exit 2)")
+    p.add_argument("--config", required=True, action="append", metavar="FILE",
+                   help="a job file (repeatable: the jobs of one pipeline are also checked against each other)")
+    p.add_argument("--world-size", type=int, metavar="N", help="ranks the job will run on (default: from the launcher's "
+                   "environment, else 1)")
+    p.add_argument("--no-data", action="store_true", help="check the configs only, not the data they point at")
     _add_overrides(p)
 
     p = sub.add_parser("report", help="loss and throughput curves of a run, as a PNG")

@@ -42,6 +42,8 @@ def _spawn(args: argparse.Namespace) -> int:
             argv += [flag, str(value)]
     for assignment in args.overrides:
         argv += ["--set", assignment]
+    if args.format:
+        argv += ["--format", args.format]
     code = run_local(argv, args.nproc, module=["-m", "launch", "precompute"])
     return EXIT_OK if code == 0 else EXIT_RUNTIME
 
@@ -64,7 +66,8 @@ def job_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
 def main(args: argparse.Namespace) -> int:
     from data_pipeline.precompute import run_precompute
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, *([f"format={args.format}"] if args.format else [])]
+    cfg = load_config(args.config, overrides)
     if cfg.stage != "precompute":
         raise ConfigError(f"{args.config}: stage {cfg.stage!r} is not 'precompute'")
     if args.nproc < 1:

@@ -34,7 +34,29 @@ def load_train_job(config: str, overrides: list[str]) -> TrainJob:
     job = load_config(config, overrides)
     if not isinstance(job, TrainJob):
         raise ConfigError(f"{config}: stage {job.stage!r} is not a training stage ({', '.join(stages.names())})")
-    return job
+    return resolve_embedding_scale(job)
+
+
+def resolve_embedding_scale(job: Any) -> Any:
+    """`model.image_embed_scale: stats` -> 1 / (mean per-dimension std) of the image embeddings
+    in the first source's `stats.json` (written by precompute); the number is what the run's
+    config.yaml and checkpoints record."""
+    import dataclasses
+
+    from data_pipeline.embed_stats import read_stats
+
+    if getattr(job.model, "image_embed_scale", None) != "stats":
+        return job
+    folders = [s.embeddings for s in (job.data.sources if job.data else []) if s.embeddings is not None]
+    if not folders:
+        raise ConfigError("model.image_embed_scale: stats needs data.sources[].embeddings (precompute's folder)")
+    folder = folders[0] if isinstance(folders[0], str) else folders[0][0]
+    stats = read_stats(folder)
+    if stats is None:
+        raise ConfigError(f"model.image_embed_scale: stats: {folder} has no stats.json (precompute again with this version)")
+    std = stats["image_embed"]["std"]
+    scale = len(std) / sum(std)
+    return dataclasses.replace(job, model=dataclasses.replace(job.model, image_embed_scale=scale))
 
 
 def prepare_run_dir(job: TrainJob, run_dir: Path, *, resume: bool) -> Path:
@@ -59,6 +81,17 @@ def prepare_run_dir(job: TrainJob, run_dir: Path, *, resume: bool) -> Path:
     return path
 
 
+def preflight(path: str, job: Any, *, world_size: int) -> None:
+    """`unclip check` of this job's data (cheap: listings and manifests); ConfigError naming
+    every problem, before any rank starts."""
+    from launch.check_cmd import check_configs, preflight_job
+
+    report = check_configs([(path, job)])
+    report.extend(preflight_job(path, job, world_size=world_size))
+    if report.problems:
+        raise ConfigError("preflight (`unclip check`) found problems:\n  " + "\n  ".join(report.problems))
+
+
 def main(args: argparse.Namespace) -> int:
     from launch.launchers import run_local, worker_args
 
@@ -67,6 +100,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--nproc must be at least 1 (got {args.nproc})")
     check_data_sources(job)
     check_run_dir(args.run_dir)
+    preflight(args.config, job, world_size=args.nproc)
     run_dir = Path(args.run_dir or Path("runs") / job.name)
     config = prepare_run_dir(job, run_dir, resume=not args.no_resume)
     print(f"[unclip train] {job.stage} job {job.name!r}: {args.nproc} rank(s), run directory {run_dir}", flush=True)

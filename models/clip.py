@@ -9,6 +9,7 @@ files; nothing here opens a network connection or a file except a local weights 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -71,6 +72,30 @@ def build_open_clip(name: str) -> nn.Module:
     """A trainable open_clip model of architecture `name`, initialised from the caller's RNG."""
     architecture(name)
     return open_clip.create_model(name, pretrained=None)
+
+
+@dataclasses.dataclass
+class ClipExpectation:
+    """The CLIP embeddings a stage reads, as its config states them (its spec's `embeddings`):
+    the preflight compares them with what precompute recorded. `where` names the config keys."""
+
+    name: Optional[str]
+    pretrained: Optional[str]
+    embed_dim: int
+    text_width: Optional[int]  # None: the stage reads no per-token encodings
+    max_text_len: Optional[int]
+    wants_stats: bool = False
+    where: dict[str, str] = dataclasses.field(default_factory=dict)  # field -> config key
+
+
+def architecture_widths(name: str) -> Optional[tuple[int, int, int]]:
+    """(embedding width D, text width W, context length L) of an open_clip architecture, from
+    its config alone (no weights); None for a name open_clip has no config for."""
+    cfg = open_clip.get_model_config(name)
+    if not cfg:
+        return None
+    text = cfg.get("text_cfg", {})
+    return int(cfg["embed_dim"]), int(text.get("width", 512)), int(text.get("context_length", 77))
 
 
 TextInput = Union[Sequence[str], torch.Tensor]

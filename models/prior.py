@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +42,9 @@ class DiffusionPriorConfig:
     text_encodings_drop: Probability = 0.5
     text_embed_drop: Probability = 0.1
     # CLIP embeddings are unit-norm; scaled by sqrt(embed_dim) (None) their entries have unit
-    # variance like the noise they are mixed with.
-    image_embed_scale: Optional[PositiveFloat] = None
+    # variance like the noise they are mixed with. "stats": 1 / (mean per-dimension std) of the
+    # training embeddings, resolved into a number from precompute's stats.json by `unclip train`.
+    image_embed_scale: Optional[Union[PositiveFloat, Literal["stats"]]] = None
     sample_candidates: PositiveInt = 2  # paper: draw 2, keep the one closest to the text embed
     diffusion: DiffusionConfig = Field(default_factory=_prior_diffusion)
 
@@ -100,6 +101,9 @@ class DiffusionPrior(nn.Module):
         super().__init__()
         self.cfg = cfg
         dim = cfg.dim
+        if cfg.image_embed_scale == "stats":
+            raise ValueError("image_embed_scale: 'stats' must be resolved into a number first (`unclip train` does, "
+                             "from the embeddings' stats.json)")
         self.scale = float(cfg.image_embed_scale or math.sqrt(cfg.embed_dim))
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
         self.text = TextConditioning(cfg.embed_dim, cfg.text_width, cfg.max_text_len, dim, cfg.use_text_encodings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,11 +65,21 @@ def env_for_tests(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
 
 
 def unclip(*args: str, env: Optional[dict[str, str]] = None, timeout: float = 300, cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
-    """Run the `unclip` CLI in a fresh process (as a user would), capturing its output."""
-    return subprocess.run(
-        [sys.executable, "-m", "launch", *args], env=env_for_tests(env), capture_output=True, text=True,
-        timeout=timeout, cwd=cwd,
+    """Run the `unclip` CLI in a fresh process (as a user would), capturing its output.
+
+    It runs in a session of its own: on a timeout the whole group (the launcher and every rank
+    it started) is killed, so no orphaned rank keeps the machine busy after a failed test."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launch", *args], env=env_for_tests(env), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=cwd, start_new_session=True,
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(proc.args, timeout, output=out, stderr=err) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def train(config: Path, run_dir: Path, *extra: str, nproc: int = 2, env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:

@@ -86,7 +86,8 @@ def test_killed_and_restarted_equals_uninterrupted(clip, shards, tmp_path):
     with pytest.raises(Killed):
         run_precompute(cfg(), shards=shards, out=resumed, clip=clip, progress=False, on_batch=kill)
     done = sorted(os.listdir(resumed))
-    assert done == ["embeddings.json", "shard-000000.tar", "shard-000000.tar.json"]  # nothing half-written
+    # nothing half-written
+    assert done == ["embeddings.json", "shard-000000.tar", "shard-000000.tar.json", "shard-000000.tar.stats.npy"]
     # (an interrupted job writes neither sizes.json nor _SUCCESS)
     (tmp_path / "resumed" / "shard-000001.tar.tmp-deadbeef").write_bytes(b"left by a SIGKILL")
     summary = run_precompute(cfg(), shards=shards, out=resumed, clip=clip, progress=False)
@@ -125,8 +126,22 @@ def test_bad_samples_are_skipped_and_summarised(clip, tmp_path):
     summary = run_precompute(cfg(), shards=[bad], out=str(tmp_path / "emb"), clip=clip, progress=False)
     assert summary.samples == 3
     assert summary.skipped == {"undecodable_image": 1, "missing_caption": 1}
-    assert json.loads((tmp_path / "emb" / "bad-000000.tar.json").read_text()) == {
-        "count": 3, "skipped": {"missing_caption": 1, "undecodable_image": 1}}
+    record = json.loads((tmp_path / "emb" / "bad-000000.tar.json").read_text())
+    assert {k: record[k] for k in ("count", "skipped", "source", "source_bytes", "bytes")} == {
+        "count": 3, "skipped": {"missing_caption": 1, "undecodable_image": 1}, "source": "bad-000000.tar",
+        "source_bytes": os.path.getsize(bad), "bytes": os.path.getsize(tmp_path / "emb" / "bad-000000.tar")}
+    keys = [s.key for s in iter_tar(str(tmp_path / "emb" / "bad-000000.tar"), SkipCounter())]
+    assert (record["first_key"], record["last_key"]) == (keys[0], keys[-1])
+    # the statistics of what was stored, merged into stats.json
+    from data_pipeline.embed_stats import read_stats
+
+    stored = np.stack([load_npy(s.fields[IMG_EMB]) for s in iter_tar(str(tmp_path / "emb" / "bad-000000.tar"),
+                                                                     SkipCounter())]).astype(np.float64)
+    stats = read_stats(str(tmp_path / "emb"))
+    assert stats["count"] == 3
+    np.testing.assert_allclose(stats["image_embed"]["mean"], stored.mean(0), atol=1e-12)
+    np.testing.assert_allclose(stats["image_embed"]["std"], stored.std(0), atol=1e-9)
+    assert stats["image_embed"]["mean_norm"] == pytest.approx(np.linalg.norm(stored, axis=1).mean(), rel=1e-12)
 
 
 def test_refuses_to_mix_clips_and_bad_arguments(clip, shards, tmp_path):

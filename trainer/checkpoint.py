@@ -201,6 +201,10 @@ class Checkpoints:
                 shutil.rmtree(self.root / "universal" / d.name, ignore_errors=True)
 
     # ------------------------------------------------------------------ loading
+    def rank_plain(self, step_dir: Path, rank: int) -> dict[str, Any]:
+        """Rank `rank`'s JSON state alone (RNG, data position): no tensors read."""
+        return json.loads((step_dir / rank_file(rank, "json")).read_text())
+
     def rank_state(self, step_dir: Path, rank: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
         plain = json.loads((step_dir / rank_file(rank, "json")).read_text())
         return plain, load_file(step_dir / rank_file(rank, "safetensors"))

@@ -60,7 +60,10 @@ class DeepSpeedConfig:
 
 @config_dataclass
 class CheckpointConfig:
-    every_steps: PositiveInt = 1000
+    every_steps: Optional[PositiveInt] = 1000  # None: by time only
+    # also every this many minutes (all ranks agree: any rank's clock due saves on all), for
+    # jobs whose step time is not known in advance
+    every_minutes: Optional[PositiveFloat] = None
     keep_last: PositiveInt = 3
 
 

@@ -4,7 +4,8 @@
              -> data loader -> resume from the latest complete checkpoint (if any)
     step:    LR -> grad_accum x (next batch, loss, backward) -> optimizer step (DeepSpeed
              skips it if a gradient is not finite) -> EMA -> agree across ranks on loss,
-             skips and stop requests -> log -> checkpoint every N steps
+             skips, stop requests and checkpoint clocks -> log -> checkpoint every N steps
+             and/or M minutes
     stop:    at the last step, on SIGTERM/SIGINT (checkpoint, exit 0), or after too many
              non-finite steps in a row (checkpoint of the last good state, exit 1)
 """
@@ -82,6 +83,13 @@ class Batches:
         self.loader.load_state_dict(state)
         self._it = None
 
+    def layout_matches(self, state: dict[str, Any]) -> bool:
+        return getattr(self.loader, "layout_matches", lambda s: True)(state)
+
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        self.loader.load_state_dicts(states)
+        self._it = None
+
     @property
     def skipped(self) -> dict[str, int]:
         return dict(getattr(self.loader, "skipped", {}) or {})
@@ -123,6 +131,7 @@ class Trainer:
         self.sample_every = job.train.sample_every if self.spec.sample_grid is not None else 0
         self.sample_batch: Optional[dict[str, Any]] = None  # rank 0: the conditions of every grid
         self.flops_per_sample: Optional[float] = None
+        self.last_save = time.monotonic()  # checkpoint.every_minutes counts from here
 
     # ------------------------------------------------------------------ set-up
     def setup(self, resume: bool) -> None:
@@ -208,18 +217,22 @@ class Trainer:
         self.step, self.samples_seen = meta["step"], meta["samples_seen"]
         self.nonfinite_total = meta.get("nonfinite_steps", 0)
         self.flops_per_sample = meta.get("flops_per_sample")
-        if not universal:  # same ranks, same streams: continue the data and every random stream exactly
-            self.loader.load_state_dict(plain["loader"])
+        if not universal:  # same ranks, same streams: continue every random stream exactly
             rng.restore(plain["rng"], tensors, self.module.generator)
-        else:
-            # A data position is a split of the shards over the old ranks; it has no meaning
-            # for another world size. Re-seed so the new ranks do not replay the old draws.
-            if self.job.data is None:
-                self.loader.load_state_dict(plain["loader"])
-            else:
-                self._say("world size changed: the data stream restarts from its seed (positions do not carry over)")
+        else:  # re-seed so the new ranks do not replay the old draws
             rng.seed_everything(self.job.train.seed * 1000 + self.rank + 7919 * self.step, self.module.generator)
+        self._restore_data_position(step_dir, plain["loader"], old_world)
         self._say(f"resumed from {step_dir} (step {self.step}, {self.samples_seen} samples, world size {old_world})")
+
+    def _restore_data_position(self, step_dir: Path, own: dict[str, Any], old_world: int) -> None:
+        """Same layout: this rank's own position. Another world size or worker count: every
+        old rank's, so the pass they were in goes on, each sample once (data_pipeline.reshard)."""
+        if self.loader.layout_matches(own):
+            self.loader.load_state_dict(own)
+            return
+        self.loader.load_state_dicts([self.ckpt.rank_plain(step_dir, r)["loader"] for r in range(old_world)])
+        self._say(f"data position of {own['world_size']} rank(s) x {own['workers']} worker(s) carried over: "
+                  "the pass goes on where it was")
 
     # ------------------------------------------------------------------ steps
     def run(self) -> int:
@@ -229,6 +242,7 @@ class Trainer:
             f"{resolve_precision(job.deepspeed.precision, self.device)}, steps {self.step} -> {job.train.steps}"
         )
         resumed_at = self.step
+        self.last_save = time.monotonic()
         while self.step < job.train.steps:
             loss, flags = self._train_step()
             self.step += 1
@@ -257,12 +271,16 @@ class Trainer:
             losses.append(float(loss.detach()))
         skipped = skipped_steps(self.engine, self.optimizer_guard) > skipped_before
         finite = [x for x in losses if math.isfinite(x)]
-        # one collective per step: loss sum and count, ranks with a non-finite loss, stop requests
-        total, count, bad, stop = dist.all_reduce_sum(
-            [sum(finite), len(finite), float(len(finite) < len(losses) or skipped), float(self.stop.signal is not None)]
+        every = job.checkpoint.every_minutes
+        save_due = every is not None and time.monotonic() - self.last_save >= 60 * every
+        # one collective per step: loss sum and count, ranks with a non-finite loss, stop requests,
+        # ranks whose checkpoint clock is due
+        total, count, bad, stop, due = dist.all_reduce_sum(
+            [sum(finite), len(finite), float(len(finite) < len(losses) or skipped), float(self.stop.signal is not None),
+             float(save_due)]
         )
         flags = {
-            "lr": lr, "skipped": bad > 0, "stop": stop > 0, "data_wait_s": data_wait,
+            "lr": lr, "skipped": bad > 0, "stop": stop > 0, "save_due": due > 0, "data_wait_s": data_wait,
             "step_time_s": time.perf_counter() - started,
         }
         return (total / count if count else float("nan")), flags
@@ -301,7 +319,8 @@ class Trainer:
             self._say(f"stop requested (signal): saving a checkpoint at step {self.step}")
             self.save()
             return True
-        if self.step % job.checkpoint.every_steps == 0 and self.step < job.train.steps:
+        every_steps = job.checkpoint.every_steps
+        if (flags["save_due"] or every_steps and self.step % every_steps == 0) and self.step < job.train.steps:
             self.save()
         return False
 
@@ -392,6 +411,7 @@ class Trainer:
             on_written=lambda: self.faults.during_save(self.step),
         )
         seconds = time.perf_counter() - started
+        self.last_save = time.monotonic()
         self.metrics.checkpoint_saved(self.step, seconds)
         self._say(f"checkpoint {path} ({seconds:.1f}s)")
         return path

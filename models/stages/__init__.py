@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Literal, Optional
 import torch
 from torch import Tensor, nn
 
+from models.clip import ClipExpectation
 from models.config import ConfigError, build_config
 
 Batch = dict[str, Any]
@@ -73,6 +74,9 @@ class StageSpec:
     preparation: Callable[[Any], Optional[Preparation]] = lambda cfg: None
     # (model, batch, generator) -> rows of images [n, 3, H, W] in [-1, 1] for RUN_DIR/samples/
     sample_grid: Optional[Callable[[nn.Module, Batch, torch.Generator], list[Tensor]]] = None
+    # cfg -> the precomputed CLIP embeddings it reads, as its config states them (the preflight
+    # checks them against what precompute recorded); None: it reads no embeddings
+    embeddings: Optional[Callable[[Any], ClipExpectation]] = None
     # cfg -> the tokenizer (captions -> LongTensor [B, L]) that makes the `tokens` field
     tokenizer: Optional[Callable[[Any], Callable[[list[str]], Tensor]]] = None
     # (cfg, weights, device) -> the module the pipeline calls (default: build + load + eval)

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from models.clip import ClipConfig
+from models.clip import ClipConfig, ClipExpectation
 from models.config import config_dataclass
 from models.decoder import Decoder, DecoderConfig
 from models.stages import Batch, StageContext, StageSpec
@@ -55,6 +55,17 @@ def field_shapes(cfg: DecoderStageConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
+def embeddings(cfg: DecoderStageConfig) -> ClipExpectation:
+    m = cfg.model
+    text = m.use_text_encodings
+    return ClipExpectation(
+        cfg.clip.name, cfg.clip.pretrained, m.image_embed_dim, m.text_width if text else None,
+        m.max_text_len if text else None,
+        where={"embed_dim": "model.image_embed_dim", "name": "clip.name", "pretrained": "clip.pretrained",
+               "text_width": "model.text_width", "max_text_len": "model.max_text_len"},
+    )
+
+
 def sample_grid(model: nn.Module, batch: Batch, generator: torch.Generator) -> list[Tensor]:
     """The real images, then the decoder's samples from their CLIP image embeddings."""
     samples = model.sample(batch["image_embed"], **text_conditions(batch), generator=generator)
@@ -63,5 +74,5 @@ def sample_grid(model: nn.Module, batch: Batch, generator: torch.Generator) -> l
 
 SPEC = StageSpec(
     name="decoder", config=DecoderStageConfig, build=build, loss=loss, fields=fields, field_shapes=field_shapes,
-    role="decoder", sample_grid=sample_grid,
+    role="decoder", sample_grid=sample_grid, embeddings=embeddings,
 )

@@ -15,7 +15,7 @@ import torch
 from pydantic import Discriminator, Field, Tag
 from torch import Tensor, nn
 
-from models.clip import ClipConfig
+from models.clip import ClipConfig, ClipExpectation
 from models.config import config_dataclass
 from models.prior import ARPrior, ARPriorConfig, DiffusionPrior, DiffusionPriorConfig
 from models.stages import Batch, StageContext, StageSpec
@@ -74,6 +74,17 @@ def field_shapes(cfg: PriorStageConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
+def embeddings(cfg: PriorStageConfig) -> ClipExpectation:
+    m = cfg.model
+    text = m.use_text_encodings
+    return ClipExpectation(
+        cfg.clip.name, cfg.clip.pretrained, m.embed_dim, m.text_width if text else None, m.max_text_len if text else None,
+        wants_stats=getattr(m, "image_embed_scale", None) == "stats",
+        where={"embed_dim": "model.embed_dim", "name": "clip.name", "pretrained": "clip.pretrained",
+               "text_width": "model.text_width", "max_text_len": "model.max_text_len"},
+    )
+
+
 def fit_pca(model: nn.Module, batches: Iterator[Batch]) -> None:
     """The autoregressive prior's PCA and buckets, fitted on the first training embeddings."""
     need = max(4 * model.cfg.embed_dim, 256)
@@ -91,5 +102,5 @@ def preparation(cfg: PriorStageConfig):
 
 SPEC = StageSpec(
     name="prior", config=PriorStageConfig, build=build, loss=loss, fields=fields, field_shapes=field_shapes,
-    role="prior", preparation=preparation,
+    role="prior", preparation=preparation, embeddings=embeddings,
 )
