@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+import re
+from typing import Annotated, Any, Literal, Optional, Union
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from models.clip import ClipConfig
 from models.config import NonNegativeInt, PositiveFloat, PositiveInt, config_dataclass
+
+
+# Option names that carry secrets in s3fs, gcsfs, adlfs and botocore's client settings.
+_CREDENTIAL_KEYS = re.compile(
+    r"^(key|secret|password|token|session_token|credentials?|client_secret|account_key|sas_token|"
+    r"connection_string|aws_access_key_id|aws_secret_access_key|aws_session_token)$", re.IGNORECASE)
+# gcsfs's `token` also takes these modes, which name where to look rather than a secret
+_TOKEN_MODES = {"anon", "google_default", "cloud", "cache", "browser"}
+
+
+def _no_credentials(options: dict[str, Any], where: str = "") -> dict[str, Any]:
+    for name, value in options.items():
+        key = f"{where}{name}"
+        if isinstance(value, dict):
+            _no_credentials(value, f"{key}.")
+        elif _CREDENTIAL_KEYS.match(str(name)) and not (name == "token" and value in _TOKEN_MODES):
+            raise ValueError(f"{key}: credentials do not belong in the config (it is saved in the run directory "
+                             f"and in exported weights); let the backend find them: AWS_ACCESS_KEY_ID/"
+                             f"AWS_SECRET_ACCESS_KEY or AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS, ...")
+        elif isinstance(value, str) and "://" in value and "@" in urlsplit(value).netloc:
+            raise ValueError(f"{key}: a URL with credentials in it; let the backend find them instead "
+                             f"(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...)")
+    return options
+
+
+# fsspec storage options of one location, e.g. {endpoint_url: "https://minio.internal:9000"} for
+# an S3-compatible store (MinIO, Ceph, R2) or {anon: true} for a public bucket. Never secrets.
+StorageOptions = Annotated[dict[str, Any], AfterValidator(_no_credentials)]
 
 
 @config_dataclass
@@ -19,6 +49,7 @@ class SourceConfig:
     embeddings: Optional[Union[str, list[str]]] = None
     weight: PositiveFloat = 1.0
     format: Literal["webdataset", "clip-retrieval"] = "webdataset"
+    storage_options: StorageOptions = Field(default_factory=dict)  # for its shards and embeddings
 
 
 @config_dataclass
@@ -37,6 +68,8 @@ class PrecomputeConfig:
     clip: ClipConfig = Field(default_factory=ClipConfig)
     shards: Union[str, list[str]] = ""
     out: str = ""
+    storage_options: StorageOptions = Field(default_factory=dict)  # for the input shards
+    out_storage_options: Optional[StorageOptions] = None  # for `out`; None: the same as the input's
     batch_size: PositiveInt = 256
     text_encodings: bool = False
     num_workers: NonNegativeInt = 2

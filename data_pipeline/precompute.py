@@ -30,7 +30,7 @@ from data_pipeline.decode import Skip, decode_caption, find_image, image_to_uint
 from data_pipeline.embed_stats import EmbedStats, shard_stats_bytes, shard_stats_from_bytes, write_stats
 from data_pipeline.embeddings import SHARD_INDEX, EmbeddingManifest, embedding_fields, embedding_shard_url, read_manifest, write_manifest
 from data_pipeline.io import (atomic_write, exists, expand_urls, join_url, list_dir, makedirs, mask_url, read_bytes, remove,
-                              size_of, url_basename)
+                              set_storage_options, size_of, url_basename, url_dirname)
 from data_pipeline.manifests import count_shards
 from data_pipeline.shards import SIZES_MANIFEST
 from data_pipeline.stats import SkipCounter
@@ -125,6 +125,13 @@ def _manifest(cfg: PrecomputeConfig, clip: ClipAdapter) -> EmbeddingManifest:
                              clip.context_length, cfg.text_encodings)
 
 
+def _use_storage_options(cfg: PrecomputeConfig, urls: list[str], out: str) -> None:
+    """The config's storage options for the input shards' folders and for `out`."""
+    for folder in dict.fromkeys(url_dirname(u) for u in urls):
+        set_storage_options(folder, cfg.storage_options)
+    set_storage_options(out, cfg.storage_options if cfg.out_storage_options is None else cfg.out_storage_options)
+
+
 def _check_manifest(out: str, manifest: EmbeddingManifest) -> None:
     existing = read_manifest(out)
     if existing is not None and existing != manifest:
@@ -200,6 +207,7 @@ def run_precompute(
         raise ValueError("shards: no input shard URLs (set `shards:` or pass --shards)")
     if not out:
         raise ValueError("out: no output folder (set `out:` or pass --out)")
+    _use_storage_options(cfg, urls, out)
     names = [url_basename(u) for u in urls]
     if len(set(names)) != len(names):
         raise ValueError("shards: two input shards share a file name; their embedding shards would collide")

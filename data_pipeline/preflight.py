@@ -26,6 +26,7 @@ from data_pipeline.embeddings import SHARD_INDEX, NpyRows, read_manifest
 from data_pipeline.io import (exists, expand_urls, join_url, list_dir, list_sizes, mask_url, open_url, read_bytes, url_basename,
                               url_dirname)
 from data_pipeline.manifests import READ_THREADS, count_shards
+from data_pipeline.sources import use_storage_options
 from data_pipeline.tario import split_key
 from data_pipeline.tarstream import TarFormatError, TarStream
 from models.clip import ClipExpectation
@@ -117,6 +118,11 @@ def check_data(cfg: DataConfig, *, want: frozenset, world_size: int, expect: Opt
     """Everything wrong with `cfg` for a stage reading the fields `want` on `world_size` ranks.
     `key_sample`: how many embedding shards (spread evenly) have their first keys read (None: all)."""
     report = Report()
+    try:  # the sources' endpoints and modes, as the loader will use them
+        use_storage_options(cfg)
+    except ValueError as err:
+        report.problem(str(err))
+        return report
     workers = max(1, cfg.num_workers)
     for i, src in enumerate(cfg.sources):
         key = f"data.sources[{i}]"

@@ -21,7 +21,7 @@ from data_pipeline.decode import (DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_IMAGE_P
                                   decode_image_uint8, decode_npy, find_image)
 from data_pipeline.embeddings import (IMG_EMB, TXT_EMB, TXT_ENC, EmbeddingManifest, NpyRows, clip_retrieval_parts,
                                       embedding_shard_url, iter_clip_retrieval, iter_joined, read_manifest)
-from data_pipeline.io import exists, expand_urls, join_url, mask_url, read_bytes, url_dirname
+from data_pipeline.io import exists, expand_urls, join_url, mask_url, read_bytes, set_storage_options, url_dirname
 from data_pipeline.shards import SIZES_MANIFEST
 from data_pipeline.stats import SkipCounter
 from data_pipeline.tario import RawSample, iter_tar
@@ -82,6 +82,7 @@ def plan_sources(cfg: DataConfig, want: frozenset) -> tuple[list[SourcePlan], Ex
     unknown = set(want) - FIELDS
     if unknown:
         raise ValueError(f"unknown field(s) {sorted(unknown)}; known: {sorted(FIELDS)}")
+    use_storage_options(cfg)
     plans, manifests = [], []
     for i, src in enumerate(cfg.sources):
         plan, manifest = _plan_one(i, src, want)
@@ -94,6 +95,31 @@ def plan_sources(cfg: DataConfig, want: frozenset) -> tuple[list[SourcePlan], Ex
     spec = ExampleSpec(frozenset(want), cfg.image_size, first.embed_dim if first else None,
                        first.text_width if first else None, first.context_length if first else None)
     return plans, spec
+
+
+def use_storage_options(cfg: DataConfig) -> None:
+    """Register each source's `storage_options` for the folders of its shards and embeddings
+    (data_pipeline.io.set_storage_options); two sources may not give one folder different ones."""
+    owner: dict[str, tuple[int, dict]] = {}
+    for i, src in enumerate(cfg.sources):
+        if not src.storage_options:
+            continue
+        for folder in _folders(src):
+            j, options = owner.setdefault(folder, (i, src.storage_options))
+            if options != src.storage_options:
+                raise ValueError(f"data.sources[{i}].storage_options: {mask_url(folder)} is also read by "
+                                 f"data.sources[{j}], with other storage options")
+            set_storage_options(folder, src.storage_options)
+
+
+def _folders(src: SourceConfig) -> list[str]:
+    """The folders a source reads: its shards' (or its clip-retrieval root) and its embeddings."""
+    if src.format == "clip-retrieval":
+        folders = [src.shards if isinstance(src.shards, str) else src.shards[0]]
+    else:
+        folders = [url_dirname(u) for u in expand_urls(src.shards)]
+    folders += [src.embeddings] if isinstance(src.embeddings, str) else list(src.embeddings or [])
+    return list(dict.fromkeys(f.rstrip("/") for f in folders))
 
 
 def _plan_one(i: int, src: SourceConfig, want: frozenset) -> tuple[SourcePlan, Optional[EmbeddingManifest]]:

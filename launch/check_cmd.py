@@ -69,7 +69,7 @@ def preflight_job(path: str, job: Any, *, world_size: int) -> Report:
     if job.stage == "precompute":
         if not job.shards:
             return Report()
-        data = DataConfig(sources=[SourceConfig(shards=job.shards)], resampled=True)
+        data = DataConfig(sources=[SourceConfig(shards=job.shards, storage_options=job.storage_options)], resampled=True)
         return check_data(data, want=frozenset({"image", "caption"}), world_size=world_size)
     if job.data is None:
         return Report()  # synthetic batches

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics(p)
 
     p = sub.add_parser("sample", help="text->image, variations, interpolation, text diffs")
-    p.add_argument("--weights", nargs="+", required=True, metavar="PATH", help="exported weights or run dirs")
+    p.add_argument("--weights", nargs="+", required=True, metavar="PATH",
+                   help="exported weights (paths or URLs: s3://...) or run dirs")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", metavar="TEXT")
     mode.add_argument("--prompts", metavar="FILE", help="one prompt per line")

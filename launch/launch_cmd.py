@@ -23,6 +23,7 @@ from typing import Any, Optional
 from launch.cli import EXIT_OK, EXIT_RUNTIME
 from launch.launchers import hostfile_command, read_hostfile, run_local, shell_join, torchrun_command, worker_args
 from launch.train_cmd import load_train_job, prepare_run_dir
+from launch.url_checks import check_data_sources, check_run_dir
 from models.config import ConfigError
 from trainer.distributed import choose_socket_interface
 
@@ -31,6 +32,8 @@ def main(args: argparse.Namespace) -> int:
     job = load_train_job(args.config, args.overrides)
     if args.plan:
         return _plan(job, args)
+    check_data_sources(job)
+    check_run_dir(args.run_dir)
     run_dir = Path(args.run_dir or Path("runs") / job.name)
     if args.hostfile and args.nproc is not None:
         raise ConfigError("--nproc with --hostfile: the hostfile's slots=N set the ranks per host")

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from launch.cli import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
 from launch.config_files import load_config
+from launch.url_checks import check_urls
 from models.config import ConfigError
 
 
@@ -110,6 +111,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: stage {cfg.stage!r} is not 'precompute'")
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1 (got {args.nproc})")
+    check_urls("--shards" if args.shards else "shards", args.shards or cfg.shards)
+    check_urls("--out" if args.out else "out", args.out or cfg.out, write=True)
     if args.slurm:
         return _slurm(args, cfg)
     if args.array is not None or args.dry_run:

@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from data_pipeline.io import mask_urls_in
 from launch.cli import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
+from launch.url_checks import check_urls
 from models.images import from_pil, to_pil
 from models.loading import load_pipeline
 
@@ -98,13 +100,14 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 
 def main(args: argparse.Namespace) -> int:
+    check_urls("--weights", args.weights)
     try:
         paths = run(args)
     except ValueError as err:  # bad input, WeightsError included
-        print(f"unclip sample: {err}", file=sys.stderr)
+        print(f"unclip sample: {mask_urls_in(str(err))}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as err:
-        print(f"unclip sample: {err}", file=sys.stderr)
+        print(f"unclip sample: {mask_urls_in(str(err))}", file=sys.stderr)
         return EXIT_RUNTIME
     for path in paths:
         print(path)

@@ -5,16 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+from data_pipeline.io import mask_url
 from data_pipeline.shards import parse_source, write_shards
 from launch.cli import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
+from launch.url_checks import check_urls
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        parse_source(args.source)
+        kind, arg = parse_source(args.source)
     except ValueError as err:
         print(f"unclip shards: {err}", file=sys.stderr)
         return EXIT_USAGE
+    check_urls("--out", args.out, write=True)
+    if kind == "table":
+        check_urls("--source", arg)
     try:
         report = write_shards(
             args.source,
@@ -32,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"unclip shards: {err}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as err:
-        print(f"unclip shards: cannot write {args.out}: {err}", file=sys.stderr)
+        print(f"unclip shards: cannot write {mask_url(args.out)}: {err}", file=sys.stderr)
         return EXIT_RUNTIME
     print(f"unclip shards: {report.summary()}")
     if report.samples == 0:

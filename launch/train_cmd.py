@@ -13,6 +13,7 @@ from pathlib import Path
 
 from launch.cli import EXIT_OK, EXIT_RUNTIME
 from launch.config_files import dump_config, load_config
+from launch.url_checks import check_data_sources, check_run_dir
 from models import stages
 from models.config import ConfigError, config_to_dict
 from trainer.config import TrainJob
@@ -97,6 +98,8 @@ def main(args: argparse.Namespace) -> int:
     job = load_train_job(args.config, [*args.overrides, *metrics_overrides(args)])
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1 (got {args.nproc})")
+    check_data_sources(job)
+    check_run_dir(args.run_dir)
     preflight(args.config, job, world_size=args.nproc)
     run_dir = Path(args.run_dir or Path("runs") / job.name)
     config = prepare_run_dir(job, run_dir, resume=not args.no_resume)

@@ -29,8 +29,9 @@ class LoadedStage:
 
 
 def load_stage(path: str | Path, device: str = "cpu") -> LoadedStage:
-    """One stage from an export file or a run directory, in eval mode on `device`."""
-    weights = read_weights(Path(path))
+    """One stage from an export file (a path or a URL: `s3://bucket/prior.safetensors`) or a
+    run directory, in eval mode on `device`."""
+    weights = read_weights(path)
     try:
         spec = stages.get(weights.stage)
         cfg = spec.stage_config(weights.config, source=weights.source)

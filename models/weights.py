@@ -16,19 +16,24 @@ DeepSpeed nor the trainer.
 The EMA is sharded like ZeRO-3 shards parameters: rank r of W holds elements
 `[r * p, (r + 1) * p)` of each flattened parameter, `p = ceil(numel / W)`, zero padded.
 An export file is one safetensors state dict of the whole model, whose metadata says
-`format`, `stage`, `step`, `weights` ("ema") and the job's `config` (JSON).
+`format`, `stage`, `step`, `weights` ("ema") and the job's `config` (JSON). It may live in an
+object store (`s3://bucket/prior.safetensors`, any fsspec URL): fsspec's backend finds the
+endpoint and credentials where its own tools do (`AWS_ENDPOINT_URL`, `AWS_PROFILE`, fsspec's
+config); run directories are filesystem paths. Local paths never go through fsspec.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import re
+import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -46,6 +51,14 @@ STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 class WeightsError(ValueError):
     """Weights that cannot be read or used; the message names the file and why."""
+
+
+PathOrURL = Union[str, Path]
+
+
+def is_url(path: PathOrURL) -> bool:
+    """A URL (`s3://bucket/key`, `gs://`, `https://`) rather than a filesystem path."""
+    return "://" in str(path)
 
 
 def step_dir_name(step: int) -> str:
@@ -191,8 +204,9 @@ def read_checkpoint_ema(path: Path) -> StageWeights:
 
 
 # ------------------------------------------------------------------ export files
-def write_export(weights: StageWeights, out: Path, dtype: torch.dtype = torch.float32) -> dict[str, str]:
-    """Write `weights` as an export file (floating tensors as `dtype`), atomically; its metadata."""
+def write_export(weights: StageWeights, out: PathOrURL, dtype: torch.dtype = torch.float32) -> dict[str, str]:
+    """Write `weights` as an export file (floating tensors as `dtype`) to a path or a URL,
+    atomically: a reader never sees part of one; its metadata."""
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.state.items()}
     info = {
         "format": EXPORT_FORMAT,
@@ -201,37 +215,98 @@ def write_export(weights: StageWeights, out: Path, dtype: torch.dtype = torch.fl
         "weights": "ema",
         "config": json.dumps(weights.config),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    local = _local_path(out)
+    if local is None:
+        _upload(state, info, str(out))
+        return info
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.tmp")
     save_file(state, tmp, metadata=info)
-    tmp.replace(out)
+    tmp.replace(local)
     return info
 
 
-def read_export_info(path: Path) -> dict[str, Any]:
-    """An export file's metadata, with `config` parsed (WeightsError if it is not one)."""
+def read_export_info(path: Path, where: Optional[str] = None) -> dict[str, Any]:
+    """An export file's metadata, with `config` parsed (WeightsError naming `where`, by default
+    `path`, if it is not one)."""
+    where = where or str(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             info = dict(f.metadata() or {})
     except Exception as err:  # safetensors raises several types on a foreign file
-        raise WeightsError(f"{path}: not a safetensors file ({err})") from None
+        raise WeightsError(f"{where}: not a safetensors file ({err})") from None
     if info.get("format") != EXPORT_FORMAT:
-        raise WeightsError(f"{path}: not an `unclip export` file (no unclip metadata)")
+        raise WeightsError(f"{where}: not an `unclip export` file (no unclip metadata)")
     info["config"] = json.loads(info["config"])
     return info
 
 
-def read_export(path: Path) -> StageWeights:
-    info = read_export_info(path)
-    return StageWeights(info["stage"], int(info["step"]), info["config"], load_file(str(path)), str(path))
+def read_export(path: Path, where: Optional[str] = None) -> StageWeights:
+    where = where or str(path)
+    info = read_export_info(path, where)
+    return StageWeights(info["stage"], int(info["step"]), info["config"], load_file(str(path)), where)
 
 
-def read_weights(path: Path) -> StageWeights:
-    """An export file, or the EMA of a run directory / checkpoint directory."""
-    path = Path(path)
-    if path.is_file():
-        return read_export(path)
-    if path.is_dir():
-        return read_checkpoint_ema(path)
+def read_weights(path: PathOrURL) -> StageWeights:
+    """An export file (a path or a URL), or the EMA of a run directory / checkpoint directory."""
+    local = _local_path(path)
+    if local is None:
+        return _download(str(path))
+    if local.is_file():
+        return read_export(local)
+    if local.is_dir():
+        return read_checkpoint_ema(local)
     raise WeightsError(f"{path} is neither an exported weights file nor a run directory")
+
+
+# ------------------------------------------------------------------ export files in object stores
+def _local_path(path: PathOrURL) -> Optional[Path]:
+    """`path` as a filesystem path (`file://` URLs included), None for a remote URL."""
+    if not is_url(path):
+        return Path(path)
+    return Path(str(path).removeprefix("file://")) if str(path).startswith("file://") else None
+
+
+def _remote(url: str) -> tuple[Any, str]:
+    import fsspec  # only remote weights pay for it
+
+    with _backend_errors("open", url):
+        return fsspec.core.url_to_fs(url)
+
+
+@contextlib.contextmanager
+def _backend_errors(action: str, url: str) -> Iterator[None]:
+    """A storage backend's own exceptions (botocore's, aiohttp's, google-auth's) as one
+    OSError naming the URL; a missing object, backend or bucket as WeightsError."""
+    try:
+        yield
+    except FileNotFoundError:
+        missing = "no such file" if action == "read" else "its bucket does not exist"
+        raise WeightsError(f"cannot {action} {url}: {missing}") from None
+    except (ImportError, ValueError) as err:  # no backend for the scheme, a malformed URL
+        raise WeightsError(f"cannot {action} {url}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - each backend raises its own types
+        raise OSError(f"cannot {action} {url}: {type(err).__name__}: {err}") from None
+
+
+def _upload(state: dict[str, Tensor], info: dict[str, str], url: str) -> None:
+    """Serialise to a temporary file, then upload it. An object store's upload appears whole
+    or not at all (one PUT, or a multipart upload completed last and aborted on failure), so
+    no temporary name is needed there, nor a server-side copy of a multi-GB file."""
+    fs, remote = _remote(url)
+    with tempfile.TemporaryDirectory(prefix="unclip-export-") as tmp:
+        local = Path(tmp) / "export.safetensors"
+        save_file(state, local, metadata=info)
+        with _backend_errors("write", url):
+            fs.put_file(str(local), remote)
+
+
+def _download(url: str) -> StageWeights:
+    """An export file at `url`, through a temporary copy: safetensors maps files, and the
+    copy streams in chunks where reading into memory would hold the weights twice."""
+    fs, remote = _remote(url)
+    with tempfile.TemporaryDirectory(prefix="unclip-weights-") as tmp:
+        local = Path(tmp) / "weights.safetensors"
+        with _backend_errors("read", url):
+            fs.get_file(remote, str(local))
+        return read_export(local, where=url)

@@ -5,9 +5,12 @@ fork/join per kernel) and leaves the second core to the multi-process DeepSpeed 
 """
 
 import os
+from typing import Iterator
 
 import pytest
 import torch
+
+from tests.infra.s3 import S3Server
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -25,3 +28,13 @@ def slurm():
         pytest.skip(reason)
     with running_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3 API server (moto's) on 127.0.0.1, started once for the tests that ask."""
+    server = S3Server()
+    try:
+        yield server
+    finally:
+        server.stop()

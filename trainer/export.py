@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
-from models.weights import read_checkpoint_ema, write_export
+from models.weights import PathOrURL, read_checkpoint_ema, write_export
 
 
-def export(run_or_checkpoint: Path, out: Path, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Write the EMA weights of the latest complete checkpoint to `out` (safetensors)."""
+def export(run_or_checkpoint: Path, out: PathOrURL, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Write the EMA weights of the latest complete checkpoint to `out` (safetensors): a path,
+    or any fsspec URL (`s3://bucket/weights/prior.safetensors`)."""
     weights = read_checkpoint_ema(Path(run_or_checkpoint))
-    info = write_export(weights, Path(out), dtype)
+    info = write_export(weights, out, dtype)
     return {
         "checkpoint": weights.source, "tensors": len(weights.state),
         "parameters": sum(v.numel() for v in weights.state.values()), **info,
