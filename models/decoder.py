@@ -107,6 +107,11 @@ class UpsamplerConfig:
             _check_divisible(self.train_crop_size, self.unet, "train_crop_size")
 
 
+def _out_channels(cfg) -> int:
+    """The UNet's output channels: the prediction, and with learned variance also `v`."""
+    return 2 * cfg.channels if cfg.diffusion.learn_sigma else cfg.channels
+
+
 def _check_images(images: Tensor, channels: int, size: Optional[int], what: str) -> None:
     if images.ndim != 4 or images.shape[1] != channels or (size is not None and images.shape[-2:] != (size, size)):
         side = f"{size}, {size}" if size is not None else "H, W"
@@ -132,6 +137,7 @@ def _sample_kwargs(d: DiffusionConfig, steps, sampler, eta, guidance_scale) -> d
         guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
         clip_x0=d.clip_x0,
         dynamic_threshold_percentile=d.dynamic_threshold_percentile,
+        clip_range=d.clip_range,
     )
 
 
@@ -143,7 +149,7 @@ class Decoder(nn.Module):
         self.cfg = cfg
         dim, width = cfg.image_embed_dim, cfg.context_dim
         self.unet = UNet(
-            cfg.unet, cfg.channels, cfg.channels, cond_dim=dim, context_dim=width, image_size=cfg.image_size
+            cfg.unet, cfg.channels, _out_channels(cfg), cond_dim=dim, context_dim=width, image_size=cfg.image_size
         )
         self.image_to_tokens = nn.Linear(dim, cfg.num_image_tokens * width)
         self.text_proj = nn.Linear(cfg.text_width, width) if cfg.use_text_encodings else None
@@ -321,6 +327,7 @@ class Decoder(nn.Module):
                 guidance_scale=opts["guidance_scale"],
                 clip_x0=opts["clip_x0"],
                 dynamic_threshold_percentile=opts["dynamic_threshold_percentile"],
+                clip_range=opts["clip_range"],
             )
 
 
@@ -334,6 +341,7 @@ def ddim_invert(
     guidance_scale: float = 1.0,
     clip_x0: str = "none",
     dynamic_threshold_percentile: float = 0.995,
+    clip_range: float = 1.0,
 ) -> Tensor:
     """Run deterministic DDIM backwards, from `x_start` (level "-1", clean) up to t = T - 1,
     over the same respaced timesteps `diffusion.sample(steps=steps)` uses. Each step predicts
@@ -344,8 +352,9 @@ def ddim_invert(
     for i, level in enumerate(levels):
         at = levels[i - 1] if i > 0 else 0
         t = torch.full((x.shape[0],), at, device=x.device, dtype=torch.long)
-        out = diffusion.guided_prediction(model_fn, x, t, cond, guidance_scale)
-        x0 = diffusion.clip_start(diffusion.predict_start(x, t, out.float()), clip_x0, dynamic_threshold_percentile)
+        prediction, _ = diffusion.split_output(diffusion.guided_prediction(model_fn, x, t, cond, guidance_scale))
+        x0 = diffusion.predict_start(x, t, prediction.float())
+        x0 = diffusion.clip_start(x0, clip_x0, dynamic_threshold_percentile, clip_range)
         eps = diffusion.predict_noise_from_start(x, t, x0)
         a_next = diffusion.alphas_cumprod[level].to(x.device)
         x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
@@ -360,7 +369,7 @@ class Upsampler(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.unet = UNet(
-            cfg.unet, cfg.channels, cfg.channels, extra_in_channels=cfg.channels, image_size=cfg.image_size
+            cfg.unet, cfg.channels, _out_channels(cfg), extra_in_channels=cfg.channels, image_size=cfg.image_size
         )
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
 

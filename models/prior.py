@@ -47,6 +47,13 @@ class DiffusionPriorConfig:
     sample_candidates: PositiveInt = 2  # paper: draw 2, keep the one closest to the text embed
     diffusion: DiffusionConfig = Field(default_factory=_prior_diffusion)
 
+    def __post_init__(self) -> None:
+        if self.diffusion.learn_sigma:
+            raise ValueError(
+                "diffusion.learn_sigma: not available for the prior (its VLB's decoder term is the "
+                "discretized likelihood of 8-bit images; the prior samples with fixed variances)"
+            )
+
 
 @config_dataclass
 class ARPriorConfig:
@@ -218,6 +225,7 @@ class DiffusionPrior(nn.Module):
             guidance_scale=dc.guidance_scale if guidance_scale is None else guidance_scale,
             clip_x0=dc.clip_x0,
             dynamic_threshold_percentile=dc.dynamic_threshold_percentile,
+            clip_range=dc.clip_range,
             generator=generator,
             device=text_embed.device,
         )
