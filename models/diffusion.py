@@ -323,10 +323,15 @@ class GaussianDiffusion(FullPrecisionBuffers):
 
     # ----------------------------------------------------------------- sampling
     def respaced_timesteps(self, steps: int) -> list[int]:
-        """`steps` timesteps from `timesteps - 1` down to 0, evenly spaced (descending)."""
+        """`steps` timesteps from `timesteps - 1` down to 0, evenly spaced (descending):
+        `round(k (T - 1) / (steps - 1))` in float64, ties to even, the spacing of Karlo and of
+        diffusers' `UnCLIPScheduler`, so both sample at the same timesteps for every `steps`."""
         if not 1 <= steps <= self.timesteps:
             raise ValueError(f"steps must be in [1, {self.timesteps}], got {steps}")
-        ts = torch.linspace(self.timesteps - 1, 0, steps, dtype=torch.float64).round().long()
+        if steps == 1:
+            return [self.timesteps - 1]
+        ratio = (self.timesteps - 1) / (steps - 1)
+        ts = (torch.arange(steps, dtype=torch.float64) * ratio).round().long()
         return sorted(set(ts.tolist()), reverse=True)
 
     def guided_prediction(
