@@ -43,6 +43,8 @@ class EmbeddingManifest:
     text_width: int
     context_length: int
     text_encodings: bool
+    # "unit" (L2-normalised) or "raw" (CLIP's outputs as they are: Karlo's stages read these)
+    embeddings: str = "unit"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -50,7 +52,9 @@ class EmbeddingManifest:
     @classmethod
     def from_json(cls, text: str) -> "EmbeddingManifest":
         data = json.loads(text)
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        # a manifest written before a field with a default existed holds that default
+        optional = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        return cls(**{f.name: data[f.name] if f.name not in optional else data.get(f.name, optional[f.name]) for f in dataclasses.fields(cls)})
 
 
 def write_manifest(folder: str, manifest: EmbeddingManifest) -> None:

@@ -118,7 +118,7 @@ class _ShardBatches(IterableDataset):
 
 def _manifest(cfg: PrecomputeConfig, clip: ClipAdapter) -> EmbeddingManifest:
     return EmbeddingManifest(cfg.clip.name, cfg.clip.pretrained, clip.embed_dim, clip.text_width,
-                             clip.context_length, cfg.text_encodings)
+                             clip.context_length, cfg.text_encodings, cfg.clip.embeddings)
 
 
 def _check_manifest(out: str, manifest: EmbeddingManifest) -> None:

@@ -111,3 +111,27 @@ def to_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
             for x, part in zip("qkv", state[f"transformer.resblocks.{i}.attn.in_proj_{p}"].chunk(3)):
                 out[f"{attn}{x}_proj.{p}"] = part.contiguous()
     return out
+
+
+def build_text_tower(hf_config: dict[str, Any], hf_state: dict[str, Tensor]) -> "torch.nn.Module":
+    """open_clip's `TextTransformer` computing what the `CLIPTextModelWithProjection` of
+    `hf_config` and `hf_state` computes (frozen, eval mode, returning pooled and per-token
+    outputs); for encoding without the CLIP's image tower, e.g. the empty caption at import."""
+    from open_clip.model import QuickGELU
+    from open_clip.transformer import TextTransformer
+    from torch import nn
+
+    embed_dim, text_cfg, quick_gelu = open_clip_text_cfg(hf_config)
+    tower = TextTransformer(
+        context_length=text_cfg["context_length"],
+        vocab_size=text_cfg["vocab_size"],
+        width=text_cfg["width"],
+        heads=text_cfg["heads"],
+        layers=text_cfg["layers"],
+        mlp_ratio=text_cfg["mlp_ratio"],
+        output_dim=embed_dim,
+        act_layer=QuickGELU if quick_gelu else nn.GELU,
+        output_tokens=True,
+    )
+    tower.load_state_dict(from_hf(hf_state), strict=True)
+    return tower.requires_grad_(False).eval()
