@@ -30,7 +30,8 @@ from benchmarks.timing import interleaved
 from launch.config_files import load_config
 from trainer.flops import count_flops
 from trainer.memory_plan import measure, meta_training_loss, zero_plan
-from trainer.stages import StageContext, get_stage
+from models import stages
+from models.stages import StageContext
 from trainer.synthetic import SyntheticLoader
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,32 +100,32 @@ def _depth(cfg, key: str) -> int:
 
 
 def _memory(cfg) -> tuple[int, dict[tuple[int, int], float]]:
-    size = measure(cfg, get_stage(cfg.stage))
+    size = measure(cfg)
     plans = {(z, g): zero_plan(size, z, g, "bf16").total / 1024**3 for z in ZERO_STAGES for g in GPU_COUNTS}
     return size.params, plans
 
 
 def _meta_flops(cfg) -> float:
-    stage = get_stage(cfg.stage)
+    spec = stages.get(cfg.stage)
     with torch.device("meta"):
-        model = stage.build(cfg)
-    flops = count_flops(lambda: meta_training_loss(model, cfg, stage).backward())
+        model = spec.build(cfg)
+    flops = count_flops(lambda: meta_training_loss(model, cfg, spec).backward())
     return flops / cfg.train.micro_batch_size
 
 
 def _step_fn(cfg, runtime: Runtime, micro_batch: int) -> Callable[[], None]:
-    stage = get_stage(cfg.stage)
+    spec = stages.get(cfg.stage)
     torch.manual_seed(0)
-    model = stage.build(cfg).to(runtime.device).train()
+    model = spec.build(cfg).to(runtime.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    shapes = {k: v for k, v in stage.batch_shapes(cfg).items() if k in stage.wants(cfg)}
+    shapes = {k: v for k, v in spec.field_shapes(cfg).items() if k in spec.fields(cfg)}
     batch = {k: v.to(runtime.device) if isinstance(v, torch.Tensor) else v
              for k, v in next(iter(SyntheticLoader(shapes, batch_size=micro_batch, rank=0))).items()}
     generator = torch.Generator().manual_seed(0)
 
     def step() -> None:
         with runtime.autocast():
-            loss = stage.loss(model, batch, generator, StageContext())
+            loss = spec.loss(model, batch, generator, StageContext())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.images import from_uint8
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt",)
 DEFAULT_MAX_CAPTION_BYTES = 16 * 1024
@@ -99,29 +101,9 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def image_to_uint8(img: Image.Image) -> np.ndarray:
-    """RGB PIL image -> uint8 array [H, W, 3]; batches are converted to float in one step."""
+    """RGB PIL image -> uint8 array [H, W, 3]; batches are converted to float in one step
+    (`models.images.from_uint8`)."""
     return np.asarray(img, dtype=np.uint8)
-
-
-def uint8_to_unit_range(images: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
-    """uint8 images [B, H, W, 3] (or one [H, W, 3]) -> FloatTensor [B, 3, H, W] in [-1, 1].
-
-    On the CPU this runs in numpy: torch's multi-threaded elementwise kernels are slower
-    than one thread for batch-sized arrays on a busy machine. On an accelerator it runs there.
-    """
-    if isinstance(images, torch.Tensor) and images.device.type != "cpu":
-        x = images.permute(0, 3, 1, 2) if images.ndim == 4 else images.permute(2, 0, 1)
-        return x.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
-    arr = images.numpy() if isinstance(images, torch.Tensor) else images
-    arr = np.moveaxis(arr, -1, -3).astype(np.float32)
-    arr *= 1 / 127.5
-    arr -= 1.0
-    return torch.from_numpy(arr)
-
-
-def image_to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> FloatTensor [3, H, W] in [-1, 1]."""
-    return uint8_to_unit_range(image_to_uint8(img))
 
 
 def decode_image_uint8(data: Optional[bytes], size: Optional[int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
@@ -134,7 +116,7 @@ def decode_image_uint8(data: Optional[bytes], size: Optional[int], max_pixels: i
 
 def decode_image(data: Optional[bytes], size: Optional[int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
     """Image bytes -> FloatTensor [3, size, size] in [-1, 1] (native size if `size` is None)."""
-    return uint8_to_unit_range(decode_image_uint8(data, size, max_pixels))
+    return from_uint8(decode_image_uint8(data, size, max_pixels))
 
 
 def decode_npy(data: Union[bytes, np.ndarray, None], *, expect_dim: Optional[int] = None,

@@ -13,7 +13,6 @@ import io
 import logging
 import posixpath
 import re
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +22,6 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import braceexpand
 import fsspec
-import webdataset  # noqa: F401  (loads webdataset.gopen, whose scheme table we extend)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -253,22 +251,3 @@ def atomic_write(url: str, mode: str = "wb") -> Iterator[IO]:
             if fs.exists(tmp):
                 fs.rm(tmp)
         raise
-
-
-def register_webdataset_opener() -> None:
-    """Route webdataset's own URL opening through fsspec for remote schemes.
-
-    webdataset opens local files, pipes, curl and a few clouds itself; with this, users who
-    build `webdataset.WebDataset("s3://...")` or `("memory://...")` get the same fsspec
-    access (credentials from the usual fsspec config) as our loader.
-    """
-    gopen = sys.modules["webdataset.gopen"]
-
-    def fsspec_gopen(url, mode="rb", bufsize=8192, **kw):
-        return open_url(url, mode)
-
-    for scheme in ("s3", "gs", "gcs", "az", "abfs", "memory", "http", "https", "hf", "file"):
-        gopen.gopen_schemes[scheme] = fsspec_gopen
-
-
-register_webdataset_opener()

@@ -2,7 +2,8 @@
 
 For each input shard `.../NAME.tar` this writes `OUT/NAME.tar` (see data_pipeline.embeddings
 for the layout) in the input's sample order, so readers join the two by key with no
-re-ordering job. Shards are split across ranks (`rank::world_size`) and, within a rank,
+re-ordering job. Shards are split across ranks (`rank::world_size`; the caller says which rank this is: see
+`launch/precompute_cmd.py`) and, within a rank,
 across loader workers; every shard is written under a temporary name and renamed when
 complete, with a sidecar `NAME.tar.json` (count, skips). A restarted job skips the shards
 already renamed into place, so a killed job loses at most the shards in flight, and the
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import PrecomputeConfig
-from data_pipeline.decode import Skip, decode_caption, find_image, image_to_uint8, open_image, resize_center_crop, uint8_to_unit_range
+from data_pipeline.decode import Skip, decode_caption, find_image, image_to_uint8, open_image, resize_center_crop
 from data_pipeline.embeddings import EmbeddingManifest, embedding_fields, embedding_shard_url, read_manifest, write_manifest
 from data_pipeline.io import atomic_write, exists, expand_urls, join_url, list_dir, makedirs, mask_url, read_bytes, remove, url_basename
 from data_pipeline.shards import SIZES_MANIFEST
@@ -32,6 +33,7 @@ from data_pipeline.stats import SkipCounter
 from data_pipeline.stream import keep_batch
 from data_pipeline.tario import TarWriter, iter_tar
 from models.clip import ClipAdapter, load_clip_from_config
+from models.images import from_uint8
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +62,11 @@ class PrecomputeSummary:
                 f"({self.samples_per_second:.1f} samples/s); skipped: {skipped}")
 
 
-def world_info(rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple[int, int]:
-    """(rank, world size): explicit arguments (job arrays), else torch.distributed if it is
-    initialised, else the launcher's environment (torchrun, SLURM, Open MPI), else (0, 1)."""
-    if rank is not None or world_size is not None:
-        if rank is None or world_size is None:
-            raise ValueError("--rank and --world-size go together")
-    elif torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    else:
-        for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"),
-                     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")):
-            if r in os.environ and w in os.environ:
-                rank, world_size = int(os.environ[r]), int(os.environ[w])
-                break
-        else:
-            rank, world_size = 0, 1
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world size {world_size})")
-    return rank, world_size
+def _process_group_rank() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class _ShardBatches(IterableDataset):
@@ -190,7 +178,10 @@ def run_precompute(
     names = [url_basename(u) for u in urls]
     if len(set(names)) != len(names):
         raise ValueError("shards: two input shards share a file name; their embedding shards would collide")
-    rank, world_size = world_info(rank, world_size)
+    if rank is None or world_size is None:
+        rank, world_size = _process_group_rank()
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world size {world_size})")
     device = device or cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per local rank
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -259,7 +250,7 @@ def _embed_shards(cfg: PrecomputeConfig, clip: ClipAdapter, todo: list[str], out
 
 @torch.no_grad()
 def _write_batch(writer: TarWriter, clip: ClipAdapter, item: dict[str, Any], with_encodings: bool) -> None:
-    image_embed = clip.encode_image(uint8_to_unit_range(item["image"].to(clip.device))).cpu().numpy()  # [B, H, W, 3] uint8
+    image_embed = clip.encode_image(from_uint8(item["image"].to(clip.device))).cpu().numpy()  # [B, H, W, 3] uint8
     text_embed, text_encodings, text_mask = (t.cpu().numpy() for t in clip.encode_text(item["tokens"]))
     for i, key in enumerate(item["key"]):
         enc = text_encodings[i] if with_encodings else None

@@ -18,13 +18,14 @@ import torch
 
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.decode import (DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_IMAGE_PIXELS, Skip, decode_caption,
-                                  decode_image_uint8, decode_npy, find_image, uint8_to_unit_range)
+                                  decode_image_uint8, decode_npy, find_image)
 from data_pipeline.embeddings import (IMG_EMB, TXT_EMB, TXT_ENC, EmbeddingManifest, NpyRows, clip_retrieval_parts,
                                       embedding_shard_url, iter_clip_retrieval, iter_joined, read_manifest)
 from data_pipeline.io import exists, expand_urls, join_url, mask_url, read_bytes, url_dirname
 from data_pipeline.shards import SIZES_MANIFEST
 from data_pipeline.stats import SkipCounter
 from data_pipeline.tario import RawSample, iter_tar
+from models.images import from_uint8
 
 FIELDS = frozenset({"image", "caption", "tokens", "image_embed", "text_embed", "text_encodings", "text_mask", "key"})
 EMBED_FIELDS = frozenset({"image_embed", "text_embed", "text_encodings", "text_mask"})
@@ -184,7 +185,7 @@ def collate(examples: list[dict[str, Any]], tokenizer: Optional[Callable] = None
     for name in examples[0]:
         values = [ex[name] for ex in examples]
         if name == "image":  # uint8 [H, W, 3] per sample; one conversion per batch is cheaper
-            batch[name] = uint8_to_unit_range(np.stack(values))
+            batch[name] = from_uint8(np.stack(values))
         elif isinstance(values[0], torch.Tensor):
             batch[name] = torch.stack(values)
         else:

@@ -18,7 +18,7 @@ EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 # command -> "module:function" taking the parsed args and returning an exit code;
 # resolved lazily so `unclip --help` does not import torch.
 HANDLERS: dict[str, str] = {
-    "demo": "launch.demo:main",
+    "demo": "launch.demo.run:main",
     "precompute": "launch.precompute_cmd:main",
     "shards": "launch.shards_cmd:main",
     "train": "launch.train_cmd:main",

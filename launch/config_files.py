@@ -1,6 +1,7 @@
 """Job config files: safe YAML, `base:` inheritance, `--set` overrides, validation.
 
-A job file names its `stage`; the stage picks the typed config class. `base:` (a path, or a
+A job file names its `stage`: a training stage's spec (`models/stages/`) with the shared
+training sections makes its typed config class; `precompute` is the CLIP embedding job. `base:` (a path, or a
 list of paths, relative to the file) is merged first, so paper-scale and demo configs share
 one definition of each stage. Values given with `--set dotted.key=value` are parsed as YAML
 data (never as objects) and applied last. Nothing here runs before validation succeeds.
@@ -15,12 +16,12 @@ from typing import Any, Iterable
 import yaml
 
 from data_pipeline.config import PrecomputeConfig
+from models import stages
 from models.config import ConfigError, build_config, config_to_dict, deep_merge
-from trainer.config import TRAIN_JOBS
+from trainer.config import job_class
 
-
-def job_types() -> dict[str, type]:
-    return {**TRAIN_JOBS, "precompute": PrecomputeConfig}
+# jobs that are not a training stage
+DATA_JOBS: dict[str, type] = {"precompute": PrecomputeConfig}
 
 
 class _Loader(yaml.SafeLoader):
@@ -113,13 +114,18 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Any:
     return build_job(data, source=str(path))
 
 
+def job_config_class(stage: Any, source: str = "") -> type:
+    """The config class of a job whose `stage:` is `stage`."""
+    if stage in DATA_JOBS:
+        return DATA_JOBS[stage]
+    if stage in stages.names():
+        return job_class(stages.get(stage))
+    expected = ", ".join(sorted((*stages.names(), *DATA_JOBS)))
+    raise ConfigError(f"invalid config in {source}:\n  stage: expected one of {expected} (got {stage!r})")
+
+
 def build_job(data: dict[str, Any], source: str = "") -> Any:
-    types = job_types()
-    stage = data.get("stage")
-    if stage not in types:
-        expected = ", ".join(sorted(types))
-        raise ConfigError(f"invalid config in {source}:\n  stage: expected one of {expected} (got {stage!r})")
-    return build_config(types[stage], data, source=source)
+    return build_config(job_config_class(data.get("stage"), source), data, source=source)
 
 
 def dump_config(job: Any) -> str:

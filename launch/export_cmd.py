@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_RUNTIME = 0, 1
+from launch.cli import EXIT_OK, EXIT_RUNTIME
 
 
 def targets(run_dirs: list[str], out: str) -> list[tuple[Path, Path]]:
@@ -19,13 +19,13 @@ def targets(run_dirs: list[str], out: str) -> list[tuple[Path, Path]]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from trainer.checkpoint import CheckpointError
+    from models.weights import WeightsError
     from trainer.export import export
 
     for run_dir, out in targets(args.run_dirs, args.out):
         try:
             info = export(run_dir, out)
-        except (CheckpointError, OSError) as err:
+        except (WeightsError, OSError) as err:
             print(f"unclip export: {err}", file=sys.stderr)
             return EXIT_RUNTIME
         print(

@@ -18,11 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from launch.cli import EXIT_OK, EXIT_RUNTIME
 from launch.launchers import hostfile_command, read_hostfile, run_local, shell_join, torchrun_command, worker_args
 from launch.train_cmd import load_train_job, prepare_run_dir
 from models.config import ConfigError
-
-EXIT_OK, EXIT_RUNTIME = 0, 1
 
 
 def main(args: argparse.Namespace) -> int:
@@ -93,11 +92,10 @@ def _slurm(job: Any, args: argparse.Namespace, config: Path, run_dir: Path) -> i
 
 def _plan(job: Any, args: argparse.Namespace) -> int:
     from trainer.memory_plan import format_plan, measure
-    from trainer.stages import get_stage
 
     gpus = args.gpus or (args.nnodes or 1) * args.gpus_per_node
     nodes = args.nnodes or max(1, -(-gpus // args.gpus_per_node))
     if gpus < 1 or gpus % nodes:
         raise ConfigError(f"--plan: {gpus} GPU(s) cannot be spread evenly over {nodes} node(s)")
-    print(format_plan(job, measure(job, get_stage(job.stage)), gpus, nodes, args.gpu_memory))
+    print(format_plan(job, measure(job), gpus, nodes, args.gpu_memory))
     return EXIT_OK

@@ -1,7 +1,8 @@
 """`unclip precompute`: CLIP embeddings for every shard, resumable, split across ranks.
 
-Ranks come from `--rank/--world-size` (job arrays), else torchrun/SLURM/MPI variables;
-`--nproc N` starts N local ranks. Each rank embeds its share of the shards; finished shards
+Ranks come from `--rank/--world-size` (job arrays), else torchrun/SLURM/MPI variables (the
+trainer's one rank discovery, `trainer.distributed.world_info_from_env`); `--nproc N` starts
+N local ranks. Each rank embeds its share of the shards; finished shards
 are skipped on restart, and the last rank to finish writes `_SUCCESS`.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import Any, Optional
 
 from launch.cli import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
 from launch.config_files import load_config
@@ -44,8 +45,23 @@ def _spawn(args: argparse.Namespace) -> int:
     return EXIT_OK if code == 0 else EXIT_RUNTIME
 
 
+def job_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+    """(rank, world size) of this process: `--rank/--world-size` (a job array), else the
+    launcher's environment (torchrun, SLURM, MPI), else (0, 1). ValueError if inconsistent."""
+    from trainer.distributed import world_info_from_env
+
+    if rank is None and world_size is None:
+        info = world_info_from_env()
+        return info.rank, info.world_size
+    if rank is None or world_size is None:
+        raise ValueError("--rank and --world-size go together")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world size {world_size})")
+    return rank, world_size
+
+
 def main(args: argparse.Namespace) -> int:
-    from data_pipeline.precompute import run_precompute, world_info
+    from data_pipeline.precompute import run_precompute
 
     cfg = load_config(args.config, args.overrides)
     if cfg.stage != "precompute":
@@ -55,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
     if args.nproc > 1 and args.rank is None and "RANK" not in os.environ:
         return _spawn(args)
     try:
-        rank, world_size = world_info(args.rank, args.world_size)
+        rank, world_size = job_rank(args.rank, args.world_size)
     except ValueError as err:
         print(f"unclip precompute: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+from launch.cli import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
 
 
 def main(args: argparse.Namespace) -> int:

@@ -9,13 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from launch.cli import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
-from launch.demo_eval import tensor_to_pil
-from launch.weights import WeightsError, load_pipeline
+from models.images import from_pil, to_pil
+from models.loading import load_pipeline
 
 PROMPT_BATCH = 16
 
@@ -24,16 +23,15 @@ def read_image(path: str) -> torch.Tensor:
     """An image file as `[3, H, W]` in [-1, 1]."""
     try:
         with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+            return from_pil(img)
     except (OSError, UnidentifiedImageError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from None
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
 
 
 def _save(images: torch.Tensor, out: Path, stem: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, img in enumerate(tensor_to_pil(images)):
+    for i, img in enumerate(to_pil(images)):
         path = out / f"{stem}_{i:03d}.png"
         img.save(path)
         paths.append(path)
@@ -63,7 +61,7 @@ def _text_to_image(pipe, args, out: Path) -> list[Path]:
     for start in tqdm(batches, unit="batch", disable=len(batches) == 1 or not sys.stderr.isatty()):
         chunk = prompts[start : start + PROMPT_BATCH]
         images = pipe.text_to_image(chunk, seed=args.seed + start, **options)
-        for offset, img in enumerate(tensor_to_pil(images)):
+        for offset, img in enumerate(to_pil(images)):
             path = out / f"prompt_{start + offset:04d}.png"
             img.save(path)
             paths.append(path)
@@ -76,7 +74,7 @@ def _interpolate(pipe, args, out: Path) -> list[Path]:
                               args.frames, seed=args.seed, steps=args.steps)
     paths = _save(frames, out, "frame")
     gif = out / "interpolation.gif"
-    pil = tensor_to_pil(frames)
+    pil = to_pil(frames)
     pil[0].save(gif, save_all=True, append_images=pil[1:], duration=200, loop=0)
     return paths + [gif]
 
@@ -102,7 +100,7 @@ def run(args: argparse.Namespace) -> list[Path]:
 def main(args: argparse.Namespace) -> int:
     try:
         paths = run(args)
-    except (ValueError, WeightsError) as err:
+    except ValueError as err:  # bad input, WeightsError included
         print(f"unclip sample: {err}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as err:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
 
+from launch.cli import EXIT_OK, EXIT_RUNTIME
 from launch.config_files import dump_config, load_config
+from models import stages
 from models.config import ConfigError, config_to_dict
-from trainer.config import TRAIN_JOBS
-
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+from trainer.config import TrainJob
 
 
 def metrics_overrides(args: argparse.Namespace) -> list[str]:
@@ -30,16 +29,17 @@ def metrics_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def load_train_job(config: str, overrides: list[str]) -> Any:
+def load_train_job(config: str, overrides: list[str]) -> TrainJob:
     job = load_config(config, overrides)
-    if getattr(job, "stage", None) not in TRAIN_JOBS:
-        raise ConfigError(f"{config}: stage {job.stage!r} is not a training stage ({', '.join(TRAIN_JOBS)})")
+    if not isinstance(job, TrainJob):
+        raise ConfigError(f"{config}: stage {job.stage!r} is not a training stage ({', '.join(stages.names())})")
     return job
 
 
-def prepare_run_dir(job: Any, run_dir: Path, *, resume: bool) -> Path:
+def prepare_run_dir(job: TrainJob, run_dir: Path, *, resume: bool) -> Path:
     """Write RUN_DIR/config.yaml; check a resumed run is compatible (ConfigError if not)."""
-    from trainer.checkpoint import Checkpoints, atomic_write_text, read_meta, resume_problem
+    from models.weights import read_meta
+    from trainer.checkpoint import Checkpoints, atomic_write_text, resume_problem
 
     checkpoints = run_dir / "checkpoints"
     if resume:

@@ -10,13 +10,12 @@ files; nothing here opens a network connection or a file except a local weights 
 from __future__ import annotations
 
 import os
-from copy import deepcopy
+from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip import factory as _open_clip_factory
 from torch import nn
 
 from models.config import config_dataclass
@@ -34,42 +33,48 @@ class ClipConfig:
     embeddings: Literal["unit", "raw"] = "unit"
 
 
-# Tiny architectures for tests and the demo. They keep CLIP's tokenizer (so the 49408-row
-# token table holds most of the ~3.3M parameters) but the towers are a few hundred K
-# parameters, which trains contrastively on 32 px coloured shapes in minutes on 2 CPU cores.
-TINY_ARCHITECTURES: dict[str, dict] = {
-    "unclip-tiny": {
-        "embed_dim": 64,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 4, "mlp_ratio": 2.0},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2, "mlp_ratio": 2.0},
-    },
-    # The demo's CLIP: a small ModifiedResNet image tower (CLIP's RN50 design: conv stem,
-    # four bottleneck stages, attention pooling) in place of the ViT. On 32 px shapes the
-    # convolutions' locality is what learns shape and position within the demo's minute of
-    # training: after 150 steps a linear probe on its image embeddings reads shape 95% and
-    # position 100%, where the ViT above reads 65% and 89% after 300. 16 tokens hold every
-    # demo caption (at most 9 with the start and end tokens) at half the prior's sequence.
-    "unclip-demo": {
-        "embed_dim": 64,
-        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "head_width": 32},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2, "mlp_ratio": 2.0},
-    },
-    # Same towers, but 77 tokens like every published CLIP, to test context-length handling.
-    "unclip-tiny-77": {
-        "embed_dim": 64,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 4, "mlp_ratio": 2.0},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2, "mlp_ratio": 2.0},
-    },
-}
+# Tiny architectures for tests and the demo, as open_clip model-config files in
+# `models/clip_configs/` (registered with open_clip's public `add_model_config`):
+# - `unclip-tiny`: CLIP's tokenizer (its 49408-row token table holds most of the ~3.3M
+#   parameters) with towers of a few hundred K parameters, which train contrastively on
+#   32 px coloured shapes in minutes on 2 CPU cores;
+# - `unclip-demo`, the demo's CLIP: a small ModifiedResNet image tower (CLIP's RN50 design:
+#   conv stem, four bottleneck stages, attention pooling) in place of the ViT. On 32 px
+#   shapes the convolutions' locality learns shape and position within the demo's minute of
+#   training: after 150 steps a linear probe on its image embeddings reads shape 95% and
+#   position 100%, where the ViT reads 65% and 89% after 300. 16 tokens hold every demo
+#   caption (at most 9 with the start and end tokens) at half the prior's sequence;
+# - `unclip-tiny-77`: the tiny towers with 77 tokens like every published CLIP, to test
+#   context-length handling.
+TINY_CONFIGS = Path(__file__).resolve().parent / "clip_configs"
 
 
 def register_tiny_architectures() -> None:
-    """Add the tiny configs to open_clip's in-memory registry (idempotent, no file I/O)."""
-    for name, cfg in TINY_ARCHITECTURES.items():
-        _open_clip_factory._MODEL_CONFIGS[name] = deepcopy(cfg)
+    """Make the tiny architectures known to open_clip (idempotent; reads their JSON files)."""
+    if not set(tiny_architectures()) <= set(open_clip.list_models()):
+        open_clip.add_model_config(TINY_CONFIGS)
+
+
+def tiny_architectures() -> list[str]:
+    return sorted(p.stem for p in TINY_CONFIGS.glob("*.json"))
 
 
 register_tiny_architectures()
+
+
+def architecture(name: str) -> dict:
+    """open_clip's config of architecture `name` (`embed_dim`, `vision_cfg`, `text_cfg`)."""
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"clip.name: unknown open_clip architecture {name!r} (e.g. ViT-B-32, unclip-tiny)")
+    return cfg
+
+
+def build_open_clip(name: str) -> nn.Module:
+    """A trainable open_clip model of architecture `name`, initialised from the caller's RNG."""
+    architecture(name)
+    return open_clip.create_model(name, pretrained=None)
+
 
 TextInput = Union[Sequence[str], torch.Tensor]
 

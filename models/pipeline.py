@@ -18,13 +18,12 @@ conditioned on the text embedding" baseline, sec. 5.1).
 
 The CLIP adapter needs `encode_text(list[str]) -> (text_embed [B, D], text_encodings
 [B, L, W], text_mask [B, L])` and `encode_image(images [B, 3, H, W] in [-1, 1]) -> [B, D]`;
-priors need `sample(text_embed, text_encodings, text_mask, *, guidance_scale, generator, ...)`.
+a prior is anything with the `Prior` interface (both priors, and `CaptionOnly`).
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -57,18 +56,40 @@ def slerp(a: Tensor, b: Tensor, weight: Weight) -> Tensor:
     return F.normalize(torch.where(near, linear, spherical), dim=-1)
 
 
-def _accepted(fn: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments `fn` accepts, minus the unset ones (priors differ in options)."""
-    params = inspect.signature(fn).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return {k: v for k, v in kwargs.items() if v is not None and (takes_any or k in params)}
+class Prior(Protocol):
+    """What the pipeline asks of a prior: unit-norm image embeddings `[B, D]` for captions.
+
+    `options` are the prior's own sampling settings (unset ones come from its config), named
+    in `sampling_options`: the diffusion prior's steps, sampler, eta, candidates; the
+    autoregressive prior's temperature, top-k, dot-product quantile; guidance for both.
+    """
+
+    sampling_options: tuple[str, ...]
+
+    def sample(
+        self, text_embed: Tensor, text_encodings: Optional[Tensor] = None, text_mask: Optional[Tensor] = None, *,
+        generator: Optional[torch.Generator] = None, **options: Any,
+    ) -> Tensor: ...
+
+
+def check_prior_options(prior: Prior, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The set `options` (None values dropped), or ValueError naming those this prior lacks."""
+    unknown = sorted(set(options) - set(prior.sampling_options))
+    if unknown:
+        raise ValueError(
+            f"prior sampling option(s) {', '.join(unknown)} do not apply to the {type(prior).__name__} "
+            f"(its options: {', '.join(prior.sampling_options)})"
+        )
+    return {k: v for k, v in options.items() if v is not None}
 
 
 class UnCLIPPipeline:
     """CLIP + prior (or None) + decoder + upsamplers (in order, each one's `lowres_size` equal
     to the previous stage's `image_size`). Images in and out are `[batch, 3, H, W]` in [-1, 1]."""
 
-    def __init__(self, clip: Any, prior: Any, decoder: Decoder, upsamplers: Sequence[Upsampler] = ()) -> None:
+    def __init__(
+        self, clip: Any, prior: Optional[Prior], decoder: Decoder, upsamplers: Sequence[Upsampler] = ()
+    ) -> None:
         self.clip, self.prior, self.decoder = clip, prior, decoder
         self.upsamplers = list(upsamplers)
         size = decoder.cfg.image_size
@@ -174,22 +195,23 @@ class UnCLIPPipeline:
         self,
         prompts: Sequence[str],
         *,
-        prior_guidance: Optional[float] = None,
+        prior_options: Mapping[str, Any] = {},
         decoder_guidance: Optional[float] = None,
         steps: Optional[int] = None,
         sampler: Optional[str] = None,
         seed: int = 0,
         **decode_kwargs: Any,
     ) -> Tensor:
-        """One image `[len(prompts), 3, S, S]` per caption. `steps`/`sampler` override the
-        prior's (where it has them) and the decoder's configured values."""
+        """One image `[len(prompts), 3, S, S]` per caption. `prior_options` go to the prior
+        (see `Prior`); `steps`/`sampler`/`decoder_guidance` override the decoder's configured
+        values, and the other `decode` arguments pass through."""
         generator = self.generator(seed)
         text_embed, encodings, mask = self.encode_text(prompts)
         if self.prior is None:
             image_embed = text_embed  # the decoder-only baseline: text embedding as image embedding
         else:
-            options = dict(guidance_scale=prior_guidance, steps=steps, sampler=sampler, generator=generator)
-            image_embed = self.prior.sample(text_embed, encodings, mask, **_accepted(self.prior.sample, options))
+            options = check_prior_options(self.prior, prior_options)
+            image_embed = self.prior.sample(text_embed, encodings, mask, generator=generator, **options)
         return self.decode(
             image_embed,
             encodings,
@@ -305,11 +327,16 @@ class CaptionOnly:
     paper passes a zero vector; this decoder's "no embedding" is its learned null image
     embedding, the one classifier-free-guidance dropout trained it on."""
 
+    sampling_options: tuple[str, ...] = ()
+
     def __init__(self, decoder: Decoder) -> None:
         self.decoder = decoder
 
     @torch.no_grad()
-    def sample(self, text_embed: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def sample(
+        self, text_embed: Tensor, text_encodings: Optional[Tensor] = None, text_mask: Optional[Tensor] = None, *,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
         """The null image embedding `[B, D]` for each of the `B` captions of `text_embed`."""
         null = self.decoder.null_image_embed.detach().to(text_embed)
         return null.expand(text_embed.shape[0], -1)

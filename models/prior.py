@@ -109,6 +109,7 @@ class DiffusionPrior(nn.Module):
     """
 
     cond_names = ("text_encodings", "text_embed")
+    sampling_options = ("guidance_scale", "steps", "sampler", "eta", "candidates")
 
     def __init__(self, cfg: DiffusionPriorConfig) -> None:
         super().__init__()
@@ -267,6 +268,7 @@ class ARPrior(nn.Module):
     """
 
     cond_names = ("text",)
+    sampling_options = ("guidance_scale", "temperature", "top_k", "dot_quantile")
 
     def __init__(self, cfg: ARPriorConfig) -> None:
         super().__init__()

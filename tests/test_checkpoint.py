@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trainer.checkpoint import CheckpointError, Checkpoints, config_differences, validate
-from trainer_helpers import TINY_PRIOR, merged, unclip, write_job
+from tests.helpers import TINY_PRIOR, merged, unclip, write_job
 
 
 class FakeEngine:

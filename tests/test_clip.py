@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from copy import deepcopy
+import json
 
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from open_clip import factory
 
-from models.clip import TINY_ARCHITECTURES, ClipConfig, load_clip, load_clip_from_config
+from models.clip import ClipConfig, architecture, load_clip, load_clip_from_config
 
 CAPTIONS = ["a large red circle on the left", "a small blue star at the top", "x"]
 
@@ -106,17 +105,16 @@ def test_bad_name_and_pretrained_fail_clearly(tmp_path):
         load_clip("unclip-tiny", pretrained=str(tmp_path / "missing.pt"))
 
 
-def test_custom_text_tower_gives_same_conventions():
-    cfg = deepcopy(TINY_ARCHITECTURES["unclip-tiny"])
+def test_custom_text_tower_gives_same_conventions(tmp_path):
+    cfg = architecture("unclip-tiny")
     cfg["custom_text"] = True
-    factory._MODEL_CONFIGS["unclip-tiny-custom-text-test"] = cfg
-    try:
-        torch.manual_seed(0)
-        clip = load_clip("unclip-tiny-custom-text-test")
-        embed, encodings, mask = clip.encode_text(CAPTIONS)
-        tokens = clip.tokenize(CAPTIONS)
-        torch.testing.assert_close(embed, clip.model.encode_text(tokens, normalize=True), rtol=0, atol=1e-6)
-        assert encodings.shape == (3, 32, 64) and torch.all(encodings[~mask] == 0)
-        assert clip.model.text.output_tokens is False  # restored after the call
-    finally:
-        del factory._MODEL_CONFIGS["unclip-tiny-custom-text-test"]
+    path = tmp_path / "unclip-tiny-custom-text-test.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)  # open_clip's public registry, as users add their own
+    torch.manual_seed(0)
+    clip = load_clip("unclip-tiny-custom-text-test")
+    embed, encodings, mask = clip.encode_text(CAPTIONS)
+    tokens = clip.tokenize(CAPTIONS)
+    torch.testing.assert_close(embed, clip.model.encode_text(tokens, normalize=True), rtol=0, atol=1e-6)
+    assert encodings.shape == (3, 32, 64) and torch.all(encodings[~mask] == 0)
+    assert clip.model.text.output_tokens is False  # restored after the call

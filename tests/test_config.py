@@ -8,7 +8,8 @@ from launch.config_files import apply_override, build_job, dump_config, load_con
 from models.config import ConfigError
 from models.decoder import UpsamplerConfig
 from models.prior import ARPriorConfig, DiffusionPriorConfig
-from trainer.config import DecoderJob, PriorJob
+from models import stages
+from trainer.config import job_class
 
 
 def _write(tmp_path, name, text):
@@ -58,7 +59,7 @@ def test_unknown_stage_lists_choices():
 
 def test_prior_kind_selects_the_model_config():
     job = build_job({"stage": "prior", "model": {"kind": "autoregressive", "num_buckets": 16}})
-    assert isinstance(job, PriorJob) and isinstance(job.model, ARPriorConfig)
+    assert isinstance(job, job_class(stages.get("prior"))) and isinstance(job.model, ARPriorConfig)
     assert job.model.num_buckets == 16
     assert isinstance(build_job({"stage": "prior"}).model, DiffusionPriorConfig)
     assert "model.kind" in _error({"stage": "prior", "model": {"kind": "gan"}})
@@ -84,7 +85,7 @@ def test_base_inheritance_and_overrides(tmp_path):
         optim: {lr: 3e-4}
     """)
     job = load_config(child, ["train.steps=50", "deepspeed.zero_stage=3", "model.unet.channel_mults=[1, 2, 2]"])
-    assert isinstance(job, DecoderJob)
+    assert isinstance(job, job_class(stages.get("decoder")))
     assert job.model.image_size == 16  # child wins
     assert job.model.unet.base_channels == 64  # inherited, merged key by key
     assert job.model.unet.channel_mults == (1, 2, 2)  # --set parsed as data

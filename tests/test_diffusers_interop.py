@@ -218,7 +218,9 @@ def test_one_sampling_chain_gives_the_pipelines_images(folder, theirs, imported)
     ref = _sample_theirs(theirs, seed=7)
 
     def ours(**kwargs) -> torch.Tensor:
-        out = ours_pipe.text_to_image(PROMPTS[1:], prior_guidance=4.0, decoder_guidance=8.0, steps=5, upsampler_steps=3, seed=7, **kwargs)
+        out = ours_pipe.text_to_image(
+            PROMPTS[1:], prior_options={"guidance_scale": 4.0, "steps": 5}, decoder_guidance=8.0, steps=5, upsampler_steps=3, seed=7, **kwargs
+        )
         return ((out + 1) / 2).clamp(0, 1)
 
     same = ours()

@@ -12,7 +12,7 @@ import pytest
 from launch.cli import main
 from launch.launchers import free_port, read_hostfile
 from trainer.distributed import world_info_from_env
-from trainer_helpers import TINY_PRIOR, env_for_tests, latest_step, merged, write_job
+from tests.helpers import TINY_PRIOR, env_for_tests, latest_step, merged, write_job
 
 
 @pytest.mark.slow

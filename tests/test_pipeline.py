@@ -133,9 +133,9 @@ def test_slerp_weight_vectors_and_parallel_inputs():
 # ------------------------------------------------------------------------------- applications
 def test_text_to_image_is_reproducible_by_seed(pipe):
     prompts = ["a red square", "a blue circle"]
-    a = pipe.text_to_image(prompts, seed=0, decoder_guidance=2.0, prior_guidance=2.0)
-    b = pipe.text_to_image(prompts, seed=0, decoder_guidance=2.0, prior_guidance=2.0)
-    c = pipe.text_to_image(prompts, seed=1, decoder_guidance=2.0, prior_guidance=2.0)
+    a = pipe.text_to_image(prompts, seed=0, decoder_guidance=2.0, prior_options={"guidance_scale": 2.0})
+    b = pipe.text_to_image(prompts, seed=0, decoder_guidance=2.0, prior_options={"guidance_scale": 2.0})
+    c = pipe.text_to_image(prompts, seed=1, decoder_guidance=2.0, prior_options={"guidance_scale": 2.0})
     assert _in_range(a, 2, 32) and pipe.image_size == 32
     assert torch.equal(a, b) and not torch.equal(a, c)
 

@@ -13,7 +13,7 @@ import torch
 from data_pipeline.config import PrecomputeConfig
 from data_pipeline.decode import decode_image
 from data_pipeline.embeddings import IMG_EMB, TXT_EMB, TXT_ENC, read_manifest
-from data_pipeline.precompute import run_precompute, world_info
+from data_pipeline.precompute import run_precompute
 from data_pipeline.shards import write_shards
 from data_pipeline.stats import SkipCounter
 from data_pipeline.tario import TarWriter, iter_tar
@@ -137,23 +137,6 @@ def test_refuses_to_mix_clips_and_bad_arguments(clip, shards, tmp_path):
         run_precompute(cfg(), shards=[], out=str(tmp_path), clip=clip)
     with pytest.raises(ValueError, match="out"):
         run_precompute(cfg(), shards=shards, out="", clip=clip)
-
-
-def test_world_info_from_arguments_and_environment(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-    assert world_info() == (0, 1)
-    assert world_info(3, 4) == (3, 4)
-    monkeypatch.setenv("SLURM_PROCID", "2")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
-    assert world_info() == (2, 8)
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert world_info() == (1, 2)
-    with pytest.raises(ValueError, match="together"):
-        world_info(rank=1)
-    with pytest.raises(ValueError, match="not in"):
-        world_info(5, 2)
 
 
 KILL_SCRIPT = """

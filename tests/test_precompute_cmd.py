@@ -8,6 +8,7 @@ import pytest
 
 from data_pipeline.shards import write_shards
 from launch.cli import main
+from launch.precompute_cmd import job_rank
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo" / "precompute.yaml"
 
@@ -19,6 +20,24 @@ def test_wrong_stage_and_missing_shards_exit_2(tmp_path, capsys):
     assert "not 'precompute'" in capsys.readouterr().err
     assert main(["precompute", "--config", str(CONFIG), "--out", str(tmp_path / "emb")]) == 2
     assert "shards" in capsys.readouterr().err
+
+
+def test_rank_from_arguments_and_environment(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                "PMI_RANK", "PMI_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert job_rank(None, None) == (0, 1)
+    assert job_rank(3, 4) == (3, 4)
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert job_rank(None, None) == (2, 8)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert job_rank(None, None) == (1, 2)
+    with pytest.raises(ValueError, match="together"):
+        job_rank(1, None)
+    with pytest.raises(ValueError, match="not in"):
+        job_rank(5, 2)
 
 
 @pytest.mark.slow

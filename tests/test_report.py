@@ -4,11 +4,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from launch.cli import main
-from trainer.report import console_line, grid_path, moving_average, nice_ticks, plot_run, read_metrics, save_grid
+from trainer.report import console_line, moving_average, nice_ticks, plot_run, read_metrics
 
 
 def _write_jsonl(path, steps, torn=False):
@@ -45,22 +44,6 @@ def test_report_command_exit_codes(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 1
     with pytest.raises(ValueError, match="no logged steps"):
         plot_run(tmp_path)
-
-
-def test_save_grid_places_images_and_captions(tmp_path):
-    images = torch.stack([torch.full((3, 32, 32), -1.0), torch.full((3, 32, 32), 1.0), torch.zeros(3, 32, 32)])
-    path = save_grid(images, ["black", "white", "a caption long enough to wrap under the image"], tmp_path / "g.png")
-    pixels = np.asarray(Image.open(path).convert("RGB"))
-    # 32 px images are enlarged 4x to 128; 2 columns, pad 4
-    assert pixels.shape[1] == 2 * (128 + 4) + 4
-    assert (pixels[4 + 64, 4 + 64] == 0).all() and (pixels[4 + 64, 4 + 132 + 64] == 255).all()
-    caption_band = pixels[4 + 128 : 4 + 128 + 12, 4 : 4 + 128]
-    assert (caption_band < 128).any()  # text was drawn under the first image
-    with pytest.raises(ValueError, match="2 captions for 3 images"):
-        save_grid(images, ["a", "b"], tmp_path / "bad.png")
-    with pytest.raises(ValueError, match=r"\[batch, 3, height, width\]"):
-        save_grid(images[0], None, tmp_path / "bad.png")
-    assert grid_path(tmp_path, 12) == tmp_path / "samples" / "step_000012.png"
 
 
 def test_helpers():

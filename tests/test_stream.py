@@ -23,7 +23,7 @@ from data_pipeline.shards import write_shards
 from data_pipeline.sources import plan_sources
 from data_pipeline.stats import SkipCounter
 from data_pipeline.stream import EmptySourceError, SlotStream, build_loader
-from data_pipeline.tario import TarWriter
+from data_pipeline.tario import TarWriter, iter_tar
 
 
 def make_shapes(url, count=40, per_shard=5, seed=0, size=16):
@@ -230,11 +230,26 @@ def test_memory_urls_and_brace_patterns(tmp_path):
     loader = build_loader(config(pattern, resampled=False), batch_size=5, want={"image", "caption"})
     assert sorted(keys_of(loader)) == sorted(shapes.make_key(0, i) for i in range(12))
     assert loader.samples_per_epoch == 12
-    # webdataset itself opens memory:// through the fsspec opener we register
+
+
+def test_webdataset_reads_our_shards_and_we_read_its(tmp_path):
+    """webdataset (the test extra) is the format's reference: each side reads the other's shards."""
     import webdataset as wds
 
-    ds = wds.WebDataset("memory://streamtest/shards/shard-000000.tar", shardshuffle=False)
-    assert [s["__key__"] for s in ds] == [shapes.make_key(0, i) for i in range(4)]
+    make_shapes(str(tmp_path / "ours"), count=6, per_shard=3)
+    ours = sorted(str(p) for p in (tmp_path / "ours").glob("*.tar"))
+    theirs = list(wds.WebDataset(ours, shardshuffle=False, empty_check=False))
+    assert [s["__key__"] for s in theirs] == [shapes.make_key(0, i) for i in range(6)]
+    assert all(s["txt"] and s["png"].startswith(b"\x89PNG") for s in theirs)
+    written = tmp_path / "theirs.tar"
+    with wds.TarWriter(str(written)) as sink:
+        for s in theirs:
+            sink.write({"__key__": s["__key__"], "png": s["png"], "txt": s["txt"], "json": b'{"a": 1}'})
+    skips = SkipCounter()
+    back = list(iter_tar(str(written), skips))
+    assert [r.key for r in back] == [s["__key__"] for s in theirs] and not skips.as_dict()
+    assert [r.fields["png"] for r in back] == [s["png"] for s in theirs]
+    assert {tuple(sorted(r.fields)) for r in back} == {("json", "png", "txt")}
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

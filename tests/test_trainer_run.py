@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer_helpers import (
+from tests.helpers import (
     TINY_DECODER, TINY_PRIOR, env_for_tests, explain, latest_step, losses, mean_loss, merged, train, unclip, write_job,
 )
 
@@ -199,9 +199,11 @@ def test_export_loads_without_deepspeed(prior_run, tmp_path):
     # a fresh interpreter that never imports DeepSpeed rebuilds the model from the file alone
     code = (
         "import sys, torch\n"
-        "from trainer.export import load_exported\n"
-        f"model, job = load_exported({str(out)!r})\n"
+        "from models.loading import load_stage\n"
+        f"loaded = load_stage({str(out)!r})\n"
+        "model, job = loaded.module, loaded.cfg\n"
         "assert 'deepspeed' not in sys.modules, 'export loading imported deepspeed'\n"
+        "assert not any(m.split('.')[0] == 'trainer' for m in sys.modules), 'export loading imported trainer/'\n"
         "g = torch.Generator().manual_seed(0)\n"
         "e = torch.nn.functional.normalize(torch.randn(2, 16, generator=g), dim=-1)\n"
         "enc, mask = torch.randn(2, 4, 8, generator=g), torch.ones(2, 4, dtype=torch.bool)\n"

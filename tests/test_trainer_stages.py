@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer_helpers import explain, losses, train, unclip, write_job
+from tests.helpers import explain, losses, train, unclip, write_job
 
 pytestmark = pytest.mark.slow
 

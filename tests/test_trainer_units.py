@@ -12,14 +12,16 @@ import torch
 from torch import nn
 
 from launch.config_files import build_job
-from trainer.config import OptimConfig
-from trainer.ema import ShardedEMA, cut_shard, merge_shards, shard_bounds
-from trainer.engine import GuardedAdamW, deepspeed_config, param_groups
-from trainer.lr import lr_at
+from models import stages
+from models.stages import StageContext
+from models.weights import cut_shard, merge_shards, shard_bounds
 from trainer import rng
-from trainer.stages import STAGES, StageContext, StageModule
+from trainer.config import OptimConfig
+from trainer.ema import ShardedEMA
+from trainer.engine import GuardedAdamW, StageModule, deepspeed_config, param_groups
+from trainer.lr import lr_at
 from trainer.synthetic import SyntheticLoader
-from trainer_helpers import TINY_DECODER, TINY_PRIOR, merged
+from tests.helpers import TINY_DECODER, TINY_PRIOR, merged
 
 
 def test_lr_warmup_then_cosine_to_min():
@@ -117,10 +119,10 @@ def test_rng_capture_restore_every_stream():
 @pytest.mark.parametrize("job", [TINY_PRIOR, TINY_DECODER], ids=["prior", "decoder"])
 def test_stage_module_loss_is_reproducible_and_trains(job):
     job = build_job(job)
-    stage = STAGES[job.stage]
+    spec = stages.get(job.stage)
     torch.manual_seed(0)
-    module = StageModule(stage, stage.build(job), StageContext())
-    shapes = {k: v for k, v in stage.batch_shapes(job).items() if k in stage.wants(job)}
+    module = StageModule(spec, spec.build(job), StageContext())
+    shapes = {k: v for k, v in spec.field_shapes(job).items() if k in spec.fields(job)}
     batch = next(SyntheticLoader(shapes, batch_size=4, rank=0))
     module.generator.manual_seed(3)
     a = module(batch)
@@ -136,16 +138,5 @@ def test_zero_dim_parameters_train_as_shape_1_and_export_their_own_shape():
             super().__init__()
             self.scale = nn.Parameter(torch.tensor(2.0))
 
-    module = StageModule(STAGES["prior"], WithScalar(), StageContext())
+    module = StageModule(stages.get("prior"), WithScalar(), StageContext())
     assert module.model.scale.shape == (1,) and module.original_shapes == {"model.scale": ()}
-
-
-def test_sample_grid_layout():
-    from trainer.samples import grid_image
-
-    rows = [torch.full((3, 3, 2, 2), -1.0), torch.full((3, 3, 2, 2), 1.0)]
-    rows[1][1, 0] = -1.0  # second sample: no red
-    img = np.asarray(grid_image(rows))
-    assert img.shape == (4, 6, 3)
-    assert (img[:2] == 0).all() and (img[2:, :2] == 255).all()
-    assert (img[2:, 2:4, 0] == 0).all() and (img[2:, 2:4, 1:] == 255).all()

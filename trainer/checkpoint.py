@@ -14,15 +14,14 @@ Layout of `RUN_DIR/checkpoints/`:
 A checkpoint is complete iff its meta.json exists, says so, and every file it lists has the
 recorded size (and, for our own small files, sha256). A crash while saving therefore leaves
 an incomplete directory that is ignored with a warning, and `latest` still names the
-previous, complete one. DeepSpeed's files are read weights-only (`trainer/safe_load.py`): a
+previous, complete one. The read side of this layout (validation, finding the latest, the EMA
+shards) is `models/weights.py`, which sampling shares. DeepSpeed's files are read weights-only (`trainer/safe_load.py`): a
 checkpoint directory is data, never code.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -36,14 +35,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from models.weights import (
+    BUFFERS, LATEST, META, find_latest, rank_file, sha256, step_dir_name, step_dirs, validate,
+)
 from trainer import distributed as dist
 
-log = logging.getLogger("unclip.checkpoint")
-
 FORMAT = 1
-LATEST = "latest"
-META = "meta.json"
-_STEP_DIR = re.compile(r"^step_(\d{7,})$")
 _HASHED = re.compile(r"^(rank_\d+\.(json|safetensors)|buffers\.safetensors)$")
 # Config sections that define the trained weights: resuming with any of them changed would
 # load weights into a different model.
@@ -62,22 +59,6 @@ _UNTOUCHED = (
 )
 
 
-def step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-def rank_file(rank: int, suffix: str) -> str:
-    return f"rank_{rank:05d}.{suffix}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` so readers see the old or the new content, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -91,32 +72,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def validate(step_dir: Path) -> Optional[str]:
-    """None if `step_dir` is a complete checkpoint, else why not."""
-    meta_path = step_dir / META
-    if not meta_path.is_file():
-        return "no meta.json (the save did not finish)"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        return f"unreadable meta.json ({err})"
-    if not meta.get("complete"):
-        return "meta.json does not mark it complete"
-    for name, info in meta.get("files", {}).items():
-        path = step_dir / name
-        if not path.is_file():
-            return f"missing file {name}"
-        if path.stat().st_size != info["size"]:
-            return f"{name} has {path.stat().st_size} bytes, expected {info['size']}"
-        if "sha256" in info and _sha256(path) != info["sha256"]:
-            return f"{name} does not match its sha256"
-    return None
-
-
-def read_meta(step_dir: Path) -> dict[str, Any]:
-    return json.loads((step_dir / META).read_text())
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], sections=COMPATIBLE_SECTIONS) -> list[str]:
@@ -163,29 +118,11 @@ class Checkpoints:
 
     # ------------------------------------------------------------------ finding
     def step_dirs(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        dirs = [p for p in self.root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-        return sorted(dirs, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+        return step_dirs(self.root)
 
     def find_latest(self) -> Optional[Path]:
         """The newest complete checkpoint: `latest` if it is good, else the newest good one."""
-        named = None
-        latest = self.root / LATEST
-        if latest.is_file():
-            named = self.root / latest.read_text().strip()
-            problem = validate(named)
-            if problem is None:
-                return named
-            log.warning("checkpoint %s named by %s is unusable: %s; looking for an older one", named, latest, problem)
-        for step_dir in reversed(self.step_dirs()):
-            if step_dir == named:
-                continue
-            problem = validate(step_dir)
-            if problem is None:
-                return step_dir
-            log.warning("ignoring incomplete checkpoint %s: %s", step_dir, problem)
-        return None
+        return find_latest(self.root)
 
     # ------------------------------------------------------------------ saving
     def _check_writable(self, step_dir: Path) -> None:
@@ -226,7 +163,7 @@ class Checkpoints:
             save_file({k: v.contiguous() for k, v in rank_tensors.items()}, step_dir / rank_file(self.rank, "safetensors"))
             (step_dir / rank_file(self.rank, "json")).write_text(json.dumps(rank_state))
             if self.rank == 0:
-                save_file({k: v.contiguous().cpu() for k, v in buffers.items()}, step_dir / "buffers.safetensors")
+                save_file({k: v.contiguous().cpu() for k, v in buffers.items()}, step_dir / BUFFERS)
             _fsync_dir_files(step_dir, self.rank)
         except OSError as err:  # a full disk or a lost mount: `latest` was not moved
             raise CheckpointError(
@@ -249,7 +186,7 @@ class Checkpoints:
     def _file_record(path: Path) -> dict[str, Any]:
         record: dict[str, Any] = {"size": path.stat().st_size}
         if _HASHED.match(path.name):  # ours are small; DeepSpeed's shards are checked by size
-            record["sha256"] = _sha256(path)
+            record["sha256"] = sha256(path)
         return record
 
     def prune(self) -> None:

@@ -1,17 +1,18 @@
 """Job configs of the training stages: one YAML file per job, validated into these classes.
 
-Every stage shares the loop, optimiser, DeepSpeed, checkpoint and metrics sections; what
-differs is the `model` section (and, for image-conditioned stages, the frozen CLIP).
+Every stage shares the loop, optimiser, DeepSpeed, checkpoint and metrics sections (here);
+what differs, the `model` section (and, for stages conditioned on a frozen CLIP, `clip`),
+is the stage's own, declared by its spec in `models/stages/`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+import functools
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import Discriminator, Field, Tag
+from pydantic import Field
 
 from data_pipeline.config import DataConfig
-from models.clip import ClipConfig
 from models.config import (
     NonNegativeFloat,
     NonNegativeInt,
@@ -20,8 +21,7 @@ from models.config import (
     Probability,
     config_dataclass,
 )
-from models.decoder import DecoderConfig, UpsamplerConfig
-from models.prior import ARPriorConfig, DiffusionPriorConfig
+from models.stages import StageSpec
 
 
 @config_dataclass
@@ -75,27 +75,10 @@ class MetricsConfig:
     per_rank: Optional[bool] = None
 
 
-def _model_kind(value: Any) -> str:
-    kind = value.get("kind", "diffusion") if isinstance(value, dict) else getattr(value, "kind", None)
-    return f"kind={kind}"
-
-
-PriorModelConfig = Annotated[
-    Union[
-        Annotated[DiffusionPriorConfig, Tag("kind=diffusion")],
-        Annotated[ARPriorConfig, Tag("kind=autoregressive")],
-    ],
-    Discriminator(
-        _model_kind,
-        custom_error_type="invalid_kind",
-        custom_error_message="model.kind must be 'diffusion' or 'autoregressive'",
-    ),
-]
-
-
 @config_dataclass
 class TrainJob:
-    """Sections shared by every training stage."""
+    """Sections shared by every training stage; a stage's own (`stage`, `model`, ...) come
+    from its spec (`job_class`)."""
 
     name: str = "unclip"
     data: Optional[DataConfig] = None
@@ -106,37 +89,13 @@ class TrainJob:
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
 
-@config_dataclass
-class ClipJob(TrainJob):
-    """Contrastive training of a small CLIP (the demo's: no pretrained weights offline)."""
+@functools.cache
+def job_class(spec: StageSpec) -> type:
+    """The job config of a training stage: the spec's own sections and the shared ones.
 
-    stage: Literal["clip"] = "clip"
-    model: ClipConfig = Field(default_factory=ClipConfig)
-
-
-@config_dataclass
-class PriorJob(TrainJob):
-    stage: Literal["prior"] = "prior"
-    model: PriorModelConfig = Field(default_factory=DiffusionPriorConfig)
-    clip: ClipConfig = Field(default_factory=ClipConfig)
-
-
-@config_dataclass
-class DecoderJob(TrainJob):
-    stage: Literal["decoder"] = "decoder"
-    model: DecoderConfig = Field(default_factory=DecoderConfig)
-    clip: ClipConfig = Field(default_factory=ClipConfig)
-
-
-@config_dataclass
-class UpsamplerJob(TrainJob):
-    stage: Literal["upsampler"] = "upsampler"
-    model: UpsamplerConfig = Field(default_factory=UpsamplerConfig)
-
-
-TRAIN_JOBS: dict[str, type] = {
-    "clip": ClipJob,
-    "prior": PriorJob,
-    "decoder": DecoderJob,
-    "upsampler": UpsamplerJob,
-}
+    One class per stage, made once: `job_class(stages.get("decoder"))` has `stage`, `model`
+    and `clip` from `models/stages/decoder.py` and `train`, `optim`, ... from here.
+    """
+    name = spec.config.__name__.removesuffix("StageConfig") + "Job"
+    doc = f"A {spec.name} training job: {spec.config.__name__}'s sections and TrainJob's."
+    return config_dataclass(type(name, (spec.config, TrainJob), {"__module__": __name__, "__doc__": doc}))

@@ -80,6 +80,9 @@ def init_process_group(info: WorldInfo, timeout_s: float) -> str:
         torch.cuda.set_device(info.local_rank)
     import deepspeed
 
+    if device == "cpu":
+        _skip_shm_inference_op()
+
     deepspeed.init_distributed(
         dist_backend="nccl" if device == "cuda" else "gloo",
         auto_mpi_discovery=False,
@@ -88,6 +91,16 @@ def init_process_group(info: WorldInfo, timeout_s: float) -> str:
         world_size=info.world_size,
     )
     return f"cuda:{info.local_rank}" if device == "cuda" else "cpu"
+
+
+def _skip_shm_inference_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (C++, one to several
+    minutes on 2 cores, a compiler and Python headers needed) when the group starts; only its
+    inference all-reduce uses it, never training over gloo. Mark it unavailable so the build
+    never runs (DeepSpeed then uses torch.distributed for every collective)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def is_initialized() -> bool:

@@ -11,34 +11,12 @@ The EMA weights are what sampling and export use.
 
 from __future__ import annotations
 
-import math
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 from torch import Tensor, nn
 
-
-def shard_bounds(numel: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, stop) of `rank`'s slice of a flattened tensor of `numel` elements (padded)."""
-    size = math.ceil(numel / world_size)
-    return rank * size, (rank + 1) * size
-
-
-def cut_shard(full: Tensor, rank: int, world_size: int) -> Tensor:
-    """`rank`'s zero-padded fp32 slice of `full` (any shape), on `full`'s device."""
-    flat = full.detach().reshape(-1).float()
-    start, stop = shard_bounds(flat.numel(), rank, world_size)
-    out = torch.zeros(stop - start, dtype=torch.float32, device=flat.device)
-    piece = flat[start:stop]
-    out[: piece.numel()] = piece
-    return out
-
-
-def merge_shards(shards: list[Tensor], shape: Iterable[int]) -> Tensor:
-    """Full tensor of `shape` from every rank's slice, in rank order."""
-    shape = tuple(shape)
-    numel = math.prod(shape)
-    return torch.cat([s.reshape(-1) for s in shards])[:numel].reshape(shape).clone()
+from models.weights import cut_shard, merge_shards
 
 
 def _local_view(param: nn.Parameter, rank: int, world_size: int) -> Tensor:
@@ -94,8 +72,3 @@ class ShardedEMA:
         missing = sorted(set(self.shadow) - set(shard))
         if missing:
             raise ValueError(f"checkpoint EMA lacks parameters: {', '.join(missing[:5])}")
-
-
-def merged_state(shards_by_rank: list[Mapping[str, Tensor]], shapes: Mapping[str, Iterable[int]]) -> dict[str, Tensor]:
-    """Consolidated full EMA tensors from every rank's shards."""
-    return {name: merge_shards([s[name] for s in shards_by_rank], shape) for name, shape in shapes.items()}

@@ -2,6 +2,7 @@
 
 Users keep one YAML file; `deepspeed_config` turns its `train`, `optim` and `deepspeed`
 sections into DeepSpeed's JSON (`deepspeed.extra` is merged last for anything not modelled).
+The stage's model is wrapped in `StageModule`, whose forward is the stage's loss.
 The optimizer is torch's AdamW passed as DeepSpeed's client optimizer: it works under ZeRO
 0-3 on CPU and GPU without a JIT-built kernel. The learning rate is set by the loop each step
 (`trainer/lr.py`), so no scheduler state needs checkpointing.
@@ -15,7 +16,30 @@ import torch
 from torch import nn
 
 from models.config import deep_merge
+from models.stages import Batch, StageContext, StageSpec
 from trainer.config import TrainJob
+
+
+class StageModule(nn.Module):
+    """The stage's model with `forward(batch) -> loss`, as DeepSpeed wraps and calls it: one
+    ordinary module call per micro-batch, so ZeRO-3's parameter-gathering hooks see it."""
+
+    def __init__(self, spec: StageSpec, model: nn.Module, context: StageContext) -> None:
+        super().__init__()
+        # DeepSpeed cannot broadcast 0-dim parameters (e.g. CLIP's logit_scale): train them as
+        # shape [1] and record the model's own shape for export.
+        self.original_shapes: dict[str, tuple[int, ...]] = {}
+        for name, p in model.named_parameters():
+            if p.ndim == 0:
+                self.original_shapes[f"model.{name}"] = ()
+                p.data = p.data.reshape(1)
+        self.model = model
+        self._spec = spec
+        self._context = context
+        self.generator = torch.Generator()  # the stage's randomness (t, noise, CFG drops); checkpointed
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self._spec.loss(self.model, batch, self.generator, self._context)
 
 
 def resolve_precision(precision: str, device: str) -> str:

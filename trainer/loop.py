@@ -21,18 +21,21 @@ from typing import Any, Optional
 
 import torch
 
+from models import stages
 from models.config import config_to_dict
+from models.stages import StageContext, StageSpec
+from models.weights import read_meta
 from trainer import distributed as dist
 from trainer import rng
-from trainer.checkpoint import Checkpoints, CheckpointError, read_meta, resume_problem, torch_version_info
+from trainer.checkpoint import CheckpointError, Checkpoints, resume_problem, torch_version_info
+from trainer.config import TrainJob
 from trainer.ema import ShardedEMA
-from trainer.engine import build_engine, count_parameters, resolve_precision, set_lr, skipped_steps
+from trainer.engine import StageModule, build_engine, count_parameters, resolve_precision, set_lr, skipped_steps
 from trainer.faults import Faults
 from trainer.flops import counted
 from trainer.lr import lr_at
 from trainer.metrics import Metrics
-from trainer.samples import has_samples, keep_for_sampling, write_grid
-from trainer.stages import StageContext, StageModule, get_stage
+from trainer.samples import grid_path, keep_for_sampling, write_grid
 from trainer.synthetic import SyntheticLoader
 
 
@@ -88,19 +91,15 @@ def batch_to(batch: dict[str, Any], device: str) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def open_loader(job: Any, stage: Any, rank: int, world_size: int) -> Batches:
+def open_loader(job: TrainJob, spec: StageSpec, rank: int, world_size: int) -> Batches:
     """The job's data loader for this rank (synthetic data when the job has no `data:`)."""
-    wants = stage.wants(job)
+    wants = spec.fields(job)
     if job.data is None:
-        shapes = {k: v for k, v in stage.batch_shapes(job).items() if k in wants}
+        shapes = {k: v for k, v in spec.field_shapes(job).items() if k in wants}
         return Batches(SyntheticLoader(shapes, batch_size=job.train.micro_batch_size, rank=rank, seed=job.train.seed))
     from data_pipeline.stream import build_loader
 
-    tokenizer = None
-    if "tokens" in wants:
-        import open_clip
-
-        tokenizer = open_clip.get_tokenizer(job.model.name)
+    tokenizer = spec.tokenizer(job) if "tokens" in wants else None
     loader = build_loader(
         job.data, batch_size=job.train.micro_batch_size, rank=rank, world_size=world_size, want=set(wants),
         tokenizer=tokenizer, drop_last=True,  # every rank steps with full micro-batches
@@ -109,10 +108,10 @@ def open_loader(job: Any, stage: Any, rank: int, world_size: int) -> Batches:
 
 
 class Trainer:
-    def __init__(self, job: Any, run_dir: Path, info: dist.WorldInfo, device: str) -> None:
+    def __init__(self, job: TrainJob, run_dir: Path, info: dist.WorldInfo, device: str) -> None:
         self.job, self.run_dir, self.info, self.device = job, Path(run_dir), info, device
         self.rank, self.world_size = info.rank, info.world_size
-        self.stage = get_stage(job.stage)
+        self.spec = stages.get(job.stage)
         self.faults = Faults()
         self.stop = StopRequest()
         self.ckpt = Checkpoints(self.run_dir / "checkpoints", self.rank, self.world_size, job.checkpoint.keep_last)
@@ -121,7 +120,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.consecutive_nonfinite = 0
         self.window = {"steps": 0, "step_time_s": 0.0, "data_wait_s": 0.0}  # since the last logging step
-        self.sample_every = job.train.sample_every if has_samples(job.stage) else 0
+        self.sample_every = job.train.sample_every if self.spec.sample_grid is not None else 0
         self.sample_batch: Optional[dict[str, Any]] = None  # rank 0: the conditions of every grid
         self.flops_per_sample: Optional[float] = None
 
@@ -148,11 +147,11 @@ class Trainer:
                 self.ckpt.ensure_universal(resume_dir)
 
         rng.seed_everything(job.train.seed)  # identical initial weights on every rank
-        model = self.stage.build(job)
-        self.module = StageModule(self.stage, model, StageContext(self.rank, self.world_size))
-        self.loader = open_loader(job, self.stage, self.rank, self.world_size)
+        model = self.spec.build(job, activation_checkpointing=job.deepspeed.activation_checkpointing)
+        self.module = StageModule(self.spec, model, StageContext(self.rank, self.world_size))
+        self.loader = open_loader(job, self.spec, self.rank, self.world_size)
         if meta is None:
-            self._fit_before_training(model)
+            self._prepare(model)
         self.engine, self.ds_config = build_engine(self.module, job, self.world_size, self.device, load_universal=universal)
         self.optimizer_guard = self.engine.client_optimizer if hasattr(self.engine, "client_optimizer") else None
         self._register_direct_parameters(model)
@@ -174,19 +173,15 @@ class Trainer:
         found = dist.broadcast_object(str(found) if found is not None else None)
         return Path(found) if found is not None else None
 
-    def _fit_before_training(self, model: torch.nn.Module) -> None:
-        """The autoregressive prior's PCA: fit on rank 0's first batches, broadcast to all."""
-        if not hasattr(model, "fit_pca"):
+    def _prepare(self, model: torch.nn.Module) -> None:
+        """The stage's preparation (e.g. the autoregressive prior's PCA fit), run by rank 0 on
+        a stream of its own (the training data order is untouched); its result, the model's
+        persistent buffers, is broadcast to every rank."""
+        prepare = self.spec.preparation(self.job)
+        if prepare is None:
             return
         if self.rank == 0:
-            need = max(4 * model.cfg.embed_dim, 256)
-            fit_loader = open_loader(self.job, self.stage, 0, 1)  # its own stream: training data order is untouched
-            images, texts = [], []
-            while sum(x.shape[0] for x in images) < need:
-                batch = next(fit_loader)
-                images.append(batch["image_embed"].float())
-                texts.append(batch["text_embed"].float())
-            model.fit_pca(torch.cat(images)[:need], torch.cat(texts)[:need])
+            prepare(model, open_loader(self.job, self.spec, 0, 1))
         buffers = {k: v.cpu() for k, v in model.named_buffers() if _persistent(model, k)}
         buffers = dist.broadcast_object(buffers)
         if self.rank != 0:
@@ -360,9 +355,9 @@ class Trainer:
 
     def _write_grid(self) -> Optional[Path]:
         return write_grid(
-            stage=self.stage, job=self.job, ema_state=self.ema.state_dict(), shapes=self._export_shapes(),
+            spec=self.spec, job=self.job, ema_state=self.ema.state_dict(), shapes=self._export_shapes(),
             buffers=self._buffers(), batch=self.sample_batch, seed=self.job.train.seed,
-            out=self.run_dir / "samples" / f"step_{self.step:07d}.png",
+            out=grid_path(self.run_dir, self.step),
         )
 
     def _export_shapes(self) -> dict[str, list[int]]:
@@ -417,7 +412,7 @@ def _persistent(module: torch.nn.Module, name: str) -> bool:
     return leaf not in owner._non_persistent_buffers_set
 
 
-def train(job: Any, run_dir: Path, *, resume: bool = True) -> int:
+def train(job: TrainJob, run_dir: Path, *, resume: bool = True) -> int:
     """Train `job` as this process's rank (rank discovery from the environment). Exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     info = dist.world_info_from_env()

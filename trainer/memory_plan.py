@@ -20,6 +20,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from models import stages
+from models.stages import StageContext, StageSpec
+from trainer.config import TrainJob
+
 GiB = 1024**3
 
 
@@ -81,17 +85,18 @@ def _deepspeed_estimate(size: ModelSize, zero_stage: int, gpus: int) -> Optional
     return None
 
 
-def measure(job: Any, stage: Any) -> ModelSize:
+def measure(job: TrainJob) -> ModelSize:
     """Parameter count, largest layer and activation estimate of the job's model (meta device)."""
+    spec = stages.get(job.stage)
     with torch.device("meta"):
-        model = stage.build(job)
+        model = spec.build(job)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
-    activations, note = _activations(model, job, stage)
+    activations, note = _activations(model, job, spec)
     return ModelSize(params, largest, activations, note)
 
 
-def _activations(model: nn.Module, job: Any, stage: Any) -> tuple[Optional[int], str]:
+def _activations(model: nn.Module, job: TrainJob, spec: StageSpec) -> tuple[Optional[int], str]:
     from trainer.engine import resolve_precision
 
     element = 4 if resolve_precision(job.deepspeed.precision, "cuda") == "fp32" else 2
@@ -105,7 +110,7 @@ def _activations(model: nn.Module, job: Any, stage: Any) -> tuple[Optional[int],
     leaves = [m for m in model.modules() if not list(m.children())]
     hooks = [m.register_forward_hook(count) for m in leaves]
     try:
-        meta_training_loss(model, job, stage)
+        meta_training_loss(model, job, spec)
     except Exception as err:  # some ops have no meta kernel: report, do not guess
         return None, f"activations not estimated ({type(err).__name__}: {err})"
     finally:
@@ -114,27 +119,21 @@ def _activations(model: nn.Module, job: Any, stage: Any) -> tuple[Optional[int],
     return total * element, ""
 
 
-def meta_training_loss(model: nn.Module, job: Any, stage: Any) -> torch.Tensor:
-    """The stage's training loss on one micro batch of the `meta` device (shapes, no data).
-
-    An upsampler that trains on random crops runs its diffusion loss on a crop-sized image and
-    low-res condition directly: drawing the crop offsets needs real numbers, which meta tensors
-    do not have (the cropping itself costs nothing that is kept for the backward pass)."""
-    from trainer.stages import StageContext
-
+def meta_training_loss(model: nn.Module, job: TrainJob, spec: StageSpec) -> torch.Tensor:
+    """The stage's training loss on one micro batch of the `meta` device (shapes, no data):
+    the spec's `meta_loss` where the stage's own loss needs real numbers, else its loss on
+    a batch of its fields."""
     model.train()
-    crop = getattr(job.model, "train_crop_size", None) if job.stage == "upsampler" else None
-    if crop:
-        images = torch.zeros(job.train.micro_batch_size, job.model.channels, crop, crop, device="meta")
-        return model.diffusion.loss(model, images, cond={"lowres_cond": torch.zeros_like(images)})
-    return stage.loss(model, _meta_batch(job, stage), None, StageContext())  # type: ignore[arg-type]
+    if spec.meta_loss is not None:
+        return spec.meta_loss(model, job, job.train.micro_batch_size)
+    return spec.loss(model, _meta_batch(job, spec), None, StageContext())
 
 
-def _meta_batch(job: Any, stage: Any) -> dict[str, Any]:
+def _meta_batch(job: TrainJob, spec: StageSpec) -> dict[str, Any]:
     b = job.train.micro_batch_size
-    shapes = stage.batch_shapes(job)
+    shapes = spec.field_shapes(job)
     batch: dict[str, Any] = {}
-    for key in stage.wants(job):
+    for key in spec.fields(job):
         shape = (b, *shapes[key])
         if key == "text_mask":
             batch[key] = torch.ones(shape, dtype=torch.bool, device="meta")
@@ -145,7 +144,7 @@ def _meta_batch(job: Any, stage: Any) -> dict[str, Any]:
     return batch
 
 
-def format_plan(job: Any, size: ModelSize, gpus: int, nodes: int, gpu_memory_gib: Optional[float] = None) -> str:
+def format_plan(job: TrainJob, size: ModelSize, gpus: int, nodes: int, gpu_memory_gib: Optional[float] = None) -> str:
     from trainer.engine import resolve_precision
 
     precision = resolve_precision(job.deepspeed.precision, "cuda")

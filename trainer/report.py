@@ -1,21 +1,18 @@
-"""What a person looks at: the console line, sample grids and the loss/throughput curves.
+"""What a person looks at: the console line and the loss/throughput curves.
 
-Drawn with PIL only (no matplotlib): two curves and a grid of images do not need a
-plotting library, and the demo reuses `save_grid` for its samples.png.
+Drawn with PIL only (no matplotlib): two curves do not need a plotting library. Sample
+grids are laid out by `models.images`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-
-MIN_CELL = 128  # px: small images (64px decoder output) are enlarged so captions fit under them
 
 
 def console_line(record: Mapping[str, Any]) -> str:
@@ -38,61 +35,6 @@ def console_line(record: Mapping[str, Any]) -> str:
     if skipped:
         parts.append(f"skipped {skipped} samples")
     return " | ".join(parts)
-
-
-# --------------------------------------------------------------------- sample grids
-def grid_path(run_dir: Path, step: int) -> Path:
-    """Where the sample grid of `step` goes: RUN_DIR/samples/step_000123.png."""
-    return Path(run_dir) / "samples" / f"step_{step:06d}.png"
-
-
-def _to_uint8(images: Any) -> np.ndarray:
-    if hasattr(images, "detach"):
-        images = images.detach().float().cpu().numpy()
-    array = np.asarray(images, dtype=np.float32)
-    if array.ndim != 4 or array.shape[1] != 3:
-        raise ValueError(f"save_grid: images must be [batch, 3, height, width], got shape {array.shape}")
-    array = np.nan_to_num(array, nan=0.0)
-    return np.round((np.clip(array, -1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
-def save_grid(images: Any, captions: Optional[Sequence[str]], path: Path | str, columns: Optional[int] = None) -> Path:
-    """Write `images` [batch, 3, height, width] in [-1, 1] as one PNG grid.
-
-    Each image gets its caption (wrapped) underneath; images narrower than 128 px are
-    enlarged (nearest neighbour) so the caption stays readable. Returns the path.
-    """
-    pixels = _to_uint8(images)
-    batch, height, width, _ = pixels.shape
-    if captions is not None and len(captions) != batch:
-        raise ValueError(f"save_grid: {len(captions)} captions for {batch} images")
-    scale = max(1, math.ceil(MIN_CELL / width))
-    cell_w, cell_h = width * scale, height * scale
-    font = ImageFont.load_default()
-    line_h = _text_size(font, "Ag")[1] + 2
-    chars = max(4, int(cell_w / max(1, _text_size(font, "abcdefghij")[0] / 10)))
-    wrapped = [textwrap.wrap(c, chars)[:4] for c in captions] if captions is not None else [[] for _ in range(batch)]
-    text_h = line_h * max((len(lines) for lines in wrapped), default=0) + (4 if captions else 0)
-    columns = columns or math.ceil(math.sqrt(batch))
-    rows = math.ceil(batch / columns)
-    pad = 4
-    canvas = Image.new("RGB", (columns * (cell_w + pad) + pad, rows * (cell_h + text_h + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i in range(batch):
-        x = pad + (i % columns) * (cell_w + pad)
-        y = pad + (i // columns) * (cell_h + text_h + pad)
-        canvas.paste(Image.fromarray(pixels[i]).resize((cell_w, cell_h), Image.NEAREST), (x, y))
-        for j, line in enumerate(wrapped[i]):
-            draw.text((x, y + cell_h + 2 + j * line_h), line, fill="black", font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
-
-
-def _text_size(font: Any, text: str) -> tuple[int, int]:
-    left, top, right, bottom = font.getbbox(text)
-    return right - left, bottom - top
 
 
 # --------------------------------------------------------------------- curves
@@ -122,6 +64,11 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     step = min((m * base for m in (1, 2, 5, 10)), key=lambda candidate: abs(candidate - raw))
     first = math.ceil(lo / step - 1e-9) * step
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _text_size(font: Any, text: str) -> tuple[int, int]:
+    left, top, right, bottom = font.getbbox(text)
+    return right - left, bottom - top
 
 
 def _fmt(value: float) -> str:

@@ -2,51 +2,25 @@
 with the EMA weights (what sampling uses) and writes `RUN_DIR/samples/step_XXXXXXX.png`.
 
 The EMA shards are gathered to rank 0 and loaded into a fresh copy of the model, so the grid
-shows exactly what `unclip export` would ship at this step. Stages whose output is not an
-image (the priors, CLIP) have no grid. Rows of the grid: the inputs (decoder: the images
-whose CLIP embeddings condition the samples; upsampler: the low-res inputs, resized), then
-the samples, then (upsampler) the real high-res images.
+shows exactly what `unclip export` would ship at this step. What the rows are is the stage's
+(`StageSpec.sample_grid`); stages whose output is not an image (the priors, CLIP) have none.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 
+from models.images import grid_of_rows
+from models.stages import StageSpec
+from models.weights import merged_state
 from trainer import distributed as dist
-from trainer.ema import merged_state
+from trainer.config import TrainJob
 
 MAX_IMAGES = 8
-
-
-def _decoder_rows(model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> list[Tensor]:
-    cond = {k: batch[k] for k in ("text_encodings", "text_mask") if k in batch}
-    samples = model.sample(batch["image_embed"], **cond, generator=generator)
-    return [batch["image"], samples]
-
-
-def _upsampler_rows(model: nn.Module, batch: dict[str, Any], generator: torch.Generator) -> list[Tensor]:
-    images = batch["image"]
-    lowres = F.interpolate(images, size=model.cfg.lowres_size, mode="bilinear", antialias=True, align_corners=False)
-    samples = model.sample(lowres.clamp(-1, 1), generator=generator)
-    shown = F.interpolate(lowres, size=images.shape[-1], mode="nearest")
-    return [shown, samples, images]
-
-
-SAMPLERS: dict[str, Callable[[nn.Module, dict[str, Any], torch.Generator], list[Tensor]]] = {
-    "decoder": _decoder_rows,
-    "upsampler": _upsampler_rows,
-}
-
-
-def has_samples(stage: str) -> bool:
-    return stage in SAMPLERS
 
 
 def keep_for_sampling(batch: dict[str, Any]) -> dict[str, Any]:
@@ -54,31 +28,26 @@ def keep_for_sampling(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v[:MAX_IMAGES].detach().cpu() for k, v in batch.items() if isinstance(v, Tensor)}
 
 
-def grid_image(rows: list[Tensor]) -> Image.Image:
-    """Rows of images `[n, 3, H, W]` in [-1, 1] (same H, W) -> one RGB image."""
-    n = min(r.shape[0] for r in rows)
-    tiles = torch.stack([r[:n].float().clamp(-1, 1) for r in rows])  # [rows, n, 3, H, W]
-    rows_n, _, _, h, w = tiles.shape
-    pixels = ((tiles + 1) * 127.5).round().to(torch.uint8)
-    canvas = pixels.permute(0, 3, 1, 4, 2).reshape(rows_n * h, n * w, 3)
-    return Image.fromarray(np.ascontiguousarray(canvas.numpy()))
+def grid_path(run_dir: Path, step: int) -> Path:
+    """Where the sample grid of `step` goes: RUN_DIR/samples/step_0000123.png (like its checkpoint)."""
+    return Path(run_dir) / "samples" / f"step_{step:07d}.png"
 
 
 def write_grid(
-    *, stage: Any, job: Any, ema_state: dict[str, Tensor], shapes: dict[str, tuple[int, ...]],
+    *, spec: StageSpec, job: TrainJob, ema_state: dict[str, Tensor], shapes: dict[str, tuple[int, ...]],
     buffers: dict[str, Tensor], batch: Optional[dict[str, Any]], out: Path, seed: int,
 ) -> Optional[Path]:
     """Collective: gather the EMA to rank 0, which samples and writes `out`. Path on rank 0."""
     shards = dist.gather_object({k.removeprefix("model."): v for k, v in ema_state.items()})
     if shards is None or batch is None:
         return None
-    model = stage.build(job)
+    model = spec.build(job)
     weights = merged_state(shards, {k.removeprefix("model."): v for k, v in shapes.items()})
     own = model.state_dict()
     weights = {k: v.reshape(own[k].shape) for k, v in weights.items()}
     model.load_state_dict({**buffers, **weights})
     model.eval()
-    rows = SAMPLERS[stage.name](model, batch, torch.Generator().manual_seed(seed))
+    rows = spec.sample_grid(model, batch, torch.Generator().manual_seed(seed))
     out.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(rows).save(out)
+    grid_of_rows(rows).save(out)
     return out

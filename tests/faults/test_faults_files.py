@@ -15,17 +15,15 @@ import errno
 import json
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for trainer_helpers
 
-from models.config import ConfigError  # noqa: E402
-from trainer.checkpoint import Checkpoints, CheckpointError, resume_problem, validate  # noqa: E402
-from trainer_helpers import TINY_DECODER, TINY_PRIOR, merged, write_job  # noqa: E402
+from models.config import ConfigError
+from trainer.checkpoint import Checkpoints, CheckpointError, resume_problem, validate
+from tests.helpers import TINY_DECODER, TINY_PRIOR, merged, write_job
 
 pytestmark = pytest.mark.faults
 
@@ -153,13 +151,13 @@ def test_deepspeed_checkpoint_reads_in_the_code_are_weights_only():
 
 
 def test_exported_weights_load_through_safetensors_only(tmp_path):
-    from trainer.export import load_exported
+    from models.loading import load_stage
 
     marker = tmp_path / "pwned"
     fake = tmp_path / "prior.safetensors"
     torch.save({"w": torch.zeros(1), "evil": Payload(marker)}, fake)  # a pickle wearing a safetensors name
     with pytest.raises(Exception) as err:
-        load_exported(fake)
+        load_stage(fake)
     assert not marker.exists(), f"loading {fake} ran code"
     assert "prior.safetensors" in str(err.value) or "header" in str(err.value).lower()
 
@@ -255,7 +253,7 @@ def test_a_planted_deepspeed_shard_stops_the_resume_naming_it_and_loses_nothing(
     tell) fails the resume, and the universal conversion a new world size would need, with one
     clear line naming the file; nothing runs and every checkpoint stays as it was."""
     from trainer.checkpoint import convert_to_universal
-    from trainer_helpers import explain, latest_step, train
+    from tests.helpers import explain, latest_step, train
 
     job = merged(TINY_PRIOR, train={**TINY_PRIOR["train"], "steps": 4}, checkpoint={"every_steps": 2, "keep_last": 5})
     config = write_job(tmp_path / "prior.yaml", job)

@@ -16,15 +16,12 @@ steps: tests/faults/trials.py, figures in docs/RELIABILITY.md.
 from __future__ import annotations
 
 import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for trainer_helpers
 
-from trainer_helpers import TINY_PRIOR, explain, latest_step, merged, train, write_job  # noqa: E402
+from tests.helpers import TINY_PRIOR, explain, latest_step, merged, train, write_job
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 

@@ -1,6 +1,6 @@
 """Repeated fault trials behind the figures in docs/RELIABILITY.md (a plain script, not collected).
 
-    .venv/bin/python tests/faults/trials.py --kill 5 --kill-in-save 3 --seed 0
+    .venv/bin/python -m tests.faults.trials --kill 5 --kill-in-save 3 --seed 0   (from the repository root)
 
 One reference run of the tiny prior (2 CPU ranks, DeepSpeed ZeRO-2, 20 steps, a checkpoint
 every 5) is compared with runs that are hit by a fault and restarted:
@@ -27,12 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for trainer_helpers
+import torch
+from safetensors.torch import load_file
 
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from trainer_helpers import TINY_PRIOR, explain, latest_step, merged, train, write_job  # noqa: E402
+from tests.helpers import TINY_PRIOR, explain, latest_step, merged, train, write_job
 
 STEPS, EVERY = 20, 5
 TRIAL = itertools.count()  # run directories are unique even when two trials draw the same fault

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 from launch.cli import EXIT_OK, EXIT_RUNTIME
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "demo"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +157,7 @@ class Demo:
                 return EXIT_RUNTIME
             remaining -= stage.expected_s
             print(f"{head}: finished in {_fmt(time.monotonic() - t0)}", flush=True)
-        from launch.demo_report import write_samples_and_report
+        from launch.demo.report import write_samples_and_report
 
         print(f"[{len(stages) + 1}/{len(stages) + 1}] sample and report: running (about {_fmt(remaining)} left "
               f"in the demo)", flush=True)
@@ -201,9 +201,9 @@ def _watch_progress(stage: Stage, head: str, stop: threading.Event, t0: float) -
 
 def _trained_to(run_dir: Path, steps: int) -> bool:
     """Whether `run_dir` holds a complete checkpoint at step `steps` or later."""
-    from trainer.checkpoint import Checkpoints, read_meta
+    from models.weights import find_latest, read_meta
 
-    latest = Checkpoints(run_dir / "checkpoints", rank=0, world_size=1, keep_last=0).find_latest()
+    latest = find_latest(run_dir / "checkpoints")
     return latest is not None and read_meta(latest)["step"] >= steps
 
 

@@ -3,7 +3,7 @@
 Held-out prompts are captions of a shapes set drawn with a seed the training set did not use.
 The report measures the full chain (prior + decoder + upsamplers) against the paper's two
 decoder-conditioning ablations (sec. 5.1), on the same prompts and seeds, through the same
-decoder and upsamplers, with the independent judge of `launch/demo_eval.py` and the demo CLIP:
+decoder and upsamplers, with the independent judge of `launch/demo/judge.py` and the demo CLIP:
 
 - `decoder_only_baseline`: no prior, the caption goes to the decoder directly (with its null
   image embedding: the paper's "caption only" row);
@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from data_pipeline import shapes
-from launch.demo_eval import attribute_accuracy, tensor_to_pil
-from launch.weights import load_pipeline
+from launch.demo.judge import attribute_accuracy
+from models.loading import load_pipeline
+from models.images import from_pil, grid, to_pil
 from models.pipeline import CaptionOnly, UnCLIPPipeline
 
 HELD_OUT_SEED = 10_000  # training shards use seed 0
@@ -37,8 +37,8 @@ BASELINE_ERROR_RATIO = 0.5
 def held_out_prompts(count: int, size: int) -> tuple[list[str], list[shapes.ShapeAttributes], torch.Tensor]:
     """Captions, attributes and real images `[count, 3, size, size]` in [-1, 1] of held-out samples."""
     samples = list(shapes.generate(count, size=size, seed=HELD_OUT_SEED))
-    real = torch.stack([torch.from_numpy(np.array(s[1])).permute(2, 0, 1) for s in samples])
-    return [s[2] for s in samples], [s[3] for s in samples], real.float() / 127.5 - 1
+    real = torch.stack([from_pil(s[1]) for s in samples])
+    return [s[2] for s in samples], [s[3] for s in samples], real
 
 
 def clip_score(pipeline: UnCLIPPipeline, images: torch.Tensor, prompts: list[str]) -> float:
@@ -64,7 +64,7 @@ def _evaluate(pipeline: UnCLIPPipeline, prompts, attrs, real, seed: int) -> tupl
     t0 = time.perf_counter()
     images = pipeline.text_to_image(prompts, seed=seed)
     seconds = time.perf_counter() - t0
-    accuracy = attribute_accuracy(tensor_to_pil(images), attrs)
+    accuracy = attribute_accuracy(to_pil(images), attrs)
     fd = frechet_distance(pipeline.clip.encode_image(images), pipeline.clip.encode_image(real))
     return images, {
         "attribute_accuracy": accuracy,
@@ -86,8 +86,6 @@ def _verdict(full: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
 
 def write_samples_and_report(demo: Any, preset: Any) -> tuple[Path, Path]:
     """Sample, judge and write `samples.png` and `report.json` under the demo's root."""
-    from trainer.report import save_grid
-
     weights = [demo.weight(s) for s in ("clip", "prior", "decoder", "upsampler1", "upsampler2")]
     pipeline = load_pipeline(weights)
     chain = (pipeline.clip, pipeline.decoder, pipeline.upsamplers)
@@ -98,11 +96,11 @@ def write_samples_and_report(demo: Any, preset: Any) -> tuple[Path, Path]:
     images, full = _evaluate(pipeline, prompts, attrs, real, seed=0)
     _, baseline = _evaluate(caption_only, prompts, attrs, real, seed=0)
     _, text_baseline = _evaluate(text_embedding, prompts, attrs, real, seed=0)
-    real_accuracy = attribute_accuracy(tensor_to_pil(real), attrs)
+    real_accuracy = attribute_accuracy(to_pil(real), attrs)
 
     samples = demo.root / "samples.png"
     shown = min(len(prompts), 16)
-    save_grid(images[:shown], prompts[:shown], samples, columns=4)
+    grid(images[:shown], columns=4, captions=prompts[:shown], pad=4, min_cell=128).save(samples)
     verdict = _verdict(full, baseline)
     report = {
         "held_out_prompts": len(prompts),

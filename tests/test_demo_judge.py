@@ -5,7 +5,7 @@ import dataclasses
 from PIL import Image, ImageFilter
 
 from data_pipeline import shapes
-from launch.demo_eval import attribute_accuracy, classify_shape, judge
+from launch.demo.judge import attribute_accuracy, classify_shape, judge
 
 
 def _samples(n=60, size=64, seed=321):

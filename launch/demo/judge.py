@@ -102,9 +102,3 @@ def attribute_accuracy(images: Iterable[Image.Image], expected: Iterable[shapes.
     out["colour_and_shape"] = float(np.mean([r["colour"] and r["shape"] for r in results]))
     out["count"] = len(results)
     return out
-
-
-def tensor_to_pil(images) -> list[Image.Image]:
-    """Images `[B, 3, H, W]` in [-1, 1] (a torch tensor) as PIL RGB images."""
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]

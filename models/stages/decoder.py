@@ -1,0 +1,67 @@
+"""The decoder stage: CLIP image embedding (+ caption) -> image (unCLIP sec. 2.1).
+
+It learns from images with their precomputed CLIP image embeddings and, unless
+`model.use_text_encodings` is false, the caption's per-token CLIP text encodings. Its sample
+grid decodes the embeddings of real images: the first row shows those images, the second
+what the decoder makes of their embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from models.clip import ClipConfig
+from models.config import config_dataclass
+from models.decoder import Decoder, DecoderConfig
+from models.stages import Batch, StageContext, StageSpec
+from models.stages._text import text_conditions
+
+
+@config_dataclass
+class DecoderStageConfig:
+    stage: Literal["decoder"] = "decoder"
+    model: DecoderConfig = Field(default_factory=DecoderConfig)
+    clip: ClipConfig = Field(default_factory=ClipConfig)  # the CLIP whose embeddings it decodes
+
+
+def build(cfg: DecoderStageConfig, *, activation_checkpointing: bool = False) -> nn.Module:
+    model = cfg.model
+    if activation_checkpointing and not model.unet.gradient_checkpointing:
+        model = dataclasses.replace(model, unet=dataclasses.replace(model.unet, gradient_checkpointing=True))
+    return Decoder(model)
+
+
+def loss(model: nn.Module, batch: Batch, generator: Optional[torch.Generator], ctx: StageContext) -> Tensor:
+    return model.loss(batch["image"], batch["image_embed"], **text_conditions(batch), generator=generator)
+
+
+def fields(cfg: DecoderStageConfig) -> frozenset[str]:
+    text = {"text_encodings", "text_mask"} if cfg.model.use_text_encodings else set()
+    return frozenset({"image", "image_embed", *text})
+
+
+def field_shapes(cfg: DecoderStageConfig) -> dict[str, tuple[int, ...]]:
+    m = cfg.model
+    return {
+        "image": (m.channels, m.image_size, m.image_size),
+        "image_embed": (m.image_embed_dim,),
+        "text_encodings": (m.max_text_len, m.text_width),
+        "text_mask": (m.max_text_len,),
+    }
+
+
+def sample_grid(model: nn.Module, batch: Batch, generator: torch.Generator) -> list[Tensor]:
+    """The real images, then the decoder's samples from their CLIP image embeddings."""
+    samples = model.sample(batch["image_embed"], **text_conditions(batch), generator=generator)
+    return [batch["image"], samples]
+
+
+SPEC = StageSpec(
+    name="decoder", config=DecoderStageConfig, build=build, loss=loss, fields=fields, field_shapes=field_shapes,
+    role="decoder", sample_grid=sample_grid,
+)
