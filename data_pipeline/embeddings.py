@@ -72,6 +72,17 @@ def read_manifest(folder: str) -> Optional[EmbeddingManifest]:
         raise ValueError(f"{mask_url(url)} is not a valid embeddings manifest: {err}") from None
 
 
+def convention_problem(manifest: EmbeddingManifest, embeddings: str, *, folder: str, key: str) -> Optional[str]:
+    """Why the embeddings in `folder` (described by `manifest`) cannot feed a stage that reads
+    `embeddings` (`unit` or `raw`, its config's `key`), or None. Unit-norm and raw CLIP
+    embeddings have the same shapes, so nothing downstream would notice: a raw-reading stage
+    (Karlo's) would see vectors ~10x too short, a unit-reading one vectors of the wrong norm."""
+    if manifest.embeddings == embeddings:
+        return None
+    return (f"{mask_url(folder)} holds {manifest.embeddings} CLIP embeddings (its {MANIFEST}), but {key} is "
+            f"{embeddings!r}: precompute again with clip.embeddings: {embeddings}, or use the stage config made for them")
+
+
 def embedding_fields(caption: str, image_embed: np.ndarray, text_embed: np.ndarray,
                      text_encodings: Optional[np.ndarray] = None, text_mask: Optional[np.ndarray] = None) -> dict[str, bytes]:
     """The members of one embedding-shard sample (fp16; encodings trimmed to real tokens)."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from launch.diffusers_folder import FolderError, check_clip_tokenizer, read_component, read_model_index
+from launch.diffusers_folder import FolderError, check_clip_tokenizer, read_component, read_json, read_model_index
 from models.config import build_config, config_to_dict, deep_merge
 from models.decoder import Decoder, DecoderConfig
 from models.interop import diffusers_unclip as du
@@ -125,3 +125,27 @@ def read_unclip_folder(folder: str | Path, bases: dict[str, dict[str, Any]] | No
     up_config = build_config(UpsamplerConfig, up_model, source=f"{folder}/super_res_first")
     upsampler = _stage("upsampler", up_model, du.upsampler_from_diffusers(first_state, last_state, up_config), f"{folder}/super_res_first")
     return [prior, decoder, upsampler]
+
+
+def clip_mismatch(folder: str | Path, clip_name: str) -> list[str]:
+    """How open_clip architecture `clip_name`'s text tower differs from the folder's
+    `text_encoder/` (width, depth, heads, context, vocabulary, embedding size, activation):
+    the CLIP the stages' configs name must be the one that embedded their training data."""
+    import dataclasses
+
+    from open_clip.model import CLIPTextCfg
+
+    from models.clip import architecture
+    from models.interop.hf_clip_text import open_clip_text_cfg
+
+    embed_dim, text_cfg, quick_gelu = open_clip_text_cfg(read_json(Path(folder) / "text_encoder" / "config.json"))
+    arch = architecture(clip_name)
+    defaults = {f.name: f.default for f in dataclasses.fields(CLIPTextCfg)}
+    ours = {k: arch["text_cfg"].get(k, defaults[k]) for k in text_cfg}
+    problems = [f"text {k} {v} in the folder, {ours[k]} in {clip_name}" for k, v in text_cfg.items() if float(v) != float(ours[k])]
+    if embed_dim != arch["embed_dim"]:
+        problems.append(f"embedding size {embed_dim} in the folder, {arch['embed_dim']} in {clip_name}")
+    if quick_gelu != bool(arch.get("quick_gelu", False)):
+        act = {True: "QuickGELU", False: "GELU"}
+        problems.append(f"activation {act[quick_gelu]} in the folder, {act[bool(arch.get('quick_gelu', False))]} in {clip_name}")
+    return problems

@@ -16,7 +16,7 @@ from models.decoder import Decoder
 from models.prior import DiffusionPrior
 from models.upsampler import Upsampler
 
-KARLO = Path(__file__).resolve().parents[1] / "configs" / "karlo"
+KARLO = Path(__file__).resolve().parents[2] / "configs" / "karlo"
 
 # diffusers' scripts/convert_kakao_brain_unclip_to_diffusers.py: the prior uses
 # PriorTransformer's defaults; the decoder and the super-resolution UNets these configs.
