@@ -76,7 +76,10 @@ class NullCaption(FullPrecisionBuffers):
 
     @property
     def length(self) -> int:
-        """Tokens up to the empty caption's last real one (a batch must be at least this long)."""
+        """Tokens up to the empty caption's last real one (a batch must be at least this long;
+        on the meta device, where the memory plan runs, all of max_text_len)."""
+        if self.text_mask.is_meta:
+            return self.text_mask.shape[0]
         return int(self.text_mask.nonzero().max()) + 1
 
     def substitute(
@@ -87,7 +90,7 @@ class NullCaption(FullPrecisionBuffers):
         absent. Encodings are padded to hold the empty caption's tokens; a None `text_mask`
         means every token is real. Returns `(text_embed [B, D], text_encodings [B, L', W] or
         None, text_mask [B, L'] or None)`."""
-        if not bool(self.text_mask[0]):
+        if not self.text_mask.is_meta and not bool(self.text_mask[0]):
             if text_embed is None or bool(drop.any()):
                 raise RuntimeError(
                     "null_text is empty_caption but the empty caption's CLIP encodings were never set "

@@ -85,3 +85,19 @@ def test_the_ema_keeps_frozen_parameters_as_they_are():
     ema.update(step=1000)
     assert torch.equal(ema.shadow["1.weight"].reshape(frozen.shape), frozen)
     assert torch.allclose(ema.shadow["0.weight"].reshape(before.shape), before + 0.5)
+
+
+def test_the_memory_plan_sees_karlos_stages():
+    from trainer.memory_plan import measure, zero_plan
+
+    decoder = tiny_job("decoder", {**TINY_DECODER["model"], "image_embed_dim": 64, "text_width": 64, "max_text_len": 77,
+                                   "use_text_embed": True, **RAW}, {"name": CLIP, "embeddings": "raw"})
+    assert measure(decoder).activations_bytes  # the unset empty caption of the meta model does not stop it
+    upsampler = build_config(job_class(stages.get("upsampler")), {"stage": "upsampler", "model": {
+        "lowres_size": 8, "image_size": 16, "last_step_unet": True,
+        "unet": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_resolutions": [], "norm_groups": 4}}})
+    size = measure(upsampler)
+    assert size.frozen == size.params > 0  # the last-step UNet: held, not trained
+    plan = zero_plan(size, zero_stage=2, gpus=4, precision="bf16")
+    assert plan.params == 2 * (2 * size.params) and plan.ema == 4 * 2 * size.params / 4
+    assert plan.optimizer == 16 * size.params / 4
