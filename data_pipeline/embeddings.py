@@ -44,6 +44,8 @@ class EmbeddingManifest:
     text_width: int
     context_length: int
     text_encodings: bool
+    # "unit" (L2-normalised) or "raw" (CLIP's outputs as they are: Karlo's stages read these)
+    embeddings: str = "unit"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -51,7 +53,9 @@ class EmbeddingManifest:
     @classmethod
     def from_json(cls, text: str) -> "EmbeddingManifest":
         data = json.loads(text)
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        # a manifest written before a field with a default existed holds that default
+        optional = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        return cls(**{f.name: data[f.name] if f.name not in optional else data.get(f.name, optional[f.name]) for f in dataclasses.fields(cls)})
 
 
 def write_manifest(folder: str, manifest: EmbeddingManifest) -> None:
@@ -67,6 +71,17 @@ def read_manifest(folder: str) -> Optional[EmbeddingManifest]:
         return EmbeddingManifest.from_json(read_bytes(url).decode())
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{mask_url(url)} is not a valid embeddings manifest: {err}") from None
+
+
+def convention_problem(manifest: EmbeddingManifest, embeddings: str, *, folder: str, key: str) -> Optional[str]:
+    """Why the embeddings in `folder` (described by `manifest`) cannot feed a stage that reads
+    `embeddings` (`unit` or `raw`, its config's `key`), or None. Unit-norm and raw CLIP
+    embeddings have the same shapes, so nothing downstream would notice: a raw-reading stage
+    (Karlo's) would see vectors ~10x too short, a unit-reading one vectors of the wrong norm."""
+    if manifest.embeddings == embeddings:
+        return None
+    return (f"{mask_url(folder)} holds {manifest.embeddings} CLIP embeddings (its {MANIFEST}), but {key} is "
+            f"{embeddings!r}: precompute again with clip.embeddings: {embeddings}, or use the stage config made for them")
 
 
 def embedding_fields(caption: str, image_embed: np.ndarray, text_embed: np.ndarray,

@@ -122,7 +122,7 @@ def _size_or_none(url: str) -> Optional[int]:
 
 def _manifest(cfg: PrecomputeConfig, clip: ClipAdapter) -> EmbeddingManifest:
     return EmbeddingManifest(cfg.clip.name, cfg.clip.pretrained, clip.embed_dim, clip.text_width,
-                             clip.context_length, cfg.text_encodings)
+                             clip.context_length, cfg.text_encodings, cfg.clip.embeddings)
 
 
 def _use_storage_options(cfg: PrecomputeConfig, urls: list[str], out: str) -> None:

@@ -23,6 +23,7 @@ HANDLERS: dict[str, str] = {
     "shards": "launch.shards_cmd:main",
     "train": "launch.train_cmd:main",
     "export": "launch.export_cmd:main",
+    "import": "launch.import_cmd:main",
     "sample": "launch.sample_cmd:main",
     "launch": "launch.launch_cmd:main",
     "report": "launch.report_cmd:main",
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", metavar="DIR", help="run directory (default runs/<name>)")
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="local ranks")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if the run has checkpoints")
+    p.add_argument("--init-from", metavar="WEIGHTS",
+                   help="initial weights of a fresh run: an export file (e.g. from `unclip import`) or a run dir; "
+                        "ignored once the run has a checkpoint of its own")
     _add_overrides(p)
     _add_metrics(p)
 
@@ -118,15 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=8, help="with --interpolate")
     p.add_argument("-n", type=int, default=1, help="images per prompt")
     p.add_argument("--guidance", type=float, help="decoder guidance scale")
-    p.add_argument("--steps", type=int, help="sampling steps")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--steps", type=int, help="decoder sampling steps (default: its config's)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], help="decoder sampler (default: its config's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, metavar="DIR")
 
-    p = sub.add_parser("export", help="consolidated EMA weights of a run (safetensors)")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p = sub.add_parser("export", help="consolidated EMA weights of runs (safetensors), or a diffusers unCLIP folder")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run directories (their latest checkpoint); with --format diffusers also export files")
     p.add_argument("--out", required=True, metavar="PATH",
-                   help="the file; with several RUN_DIRs a folder, one RUN_DIR_NAME.safetensors each")
+                   help="unclip: the file, or with several RUN_DIRs a folder of RUN_DIR_NAME.safetensors; "
+                        "diffusers: the pipeline folder")
+    p.add_argument("--format", dest="export_format", choices=["unclip", "diffusers"], default="unclip",
+                   help="diffusers: one UnCLIPPipeline folder from a prior, a decoder and an upsampler "
+                        "(and a clip, or the CLIP their configs name)")
+
+    p = sub.add_parser("import", help="released weights in diffusers' unCLIP layout (Karlo's) -> unclip stage weights")
+    p.add_argument("--from", dest="source_format", required=True, choices=["diffusers"], help="the folder's layout")
+    p.add_argument("folder", metavar="DIR", help="an UnCLIPPipeline folder (model_index.json, prior/, decoder/, ...)")
+    p.add_argument("--out", required=True, metavar="WEIGHTS_DIR",
+                   help="new folder: <stage>.safetensors (export files) and <stage>.yaml (job configs)")
+    p.add_argument("--configs", metavar="DIR",
+                   help="stage configs supplying what the folder does not say (default: configs/karlo)")
+    _add_overrides(p)
 
     p = sub.add_parser("launch", help="start a job locally, on a DeepSpeed hostfile, under torchrun or SLURM")
     p.add_argument("--config", required=True, metavar="FILE")

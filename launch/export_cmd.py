@@ -1,6 +1,11 @@
-"""`unclip export RUN_DIR [RUN_DIR ...] --out PATH`: consolidated EMA weights (safetensors),
-no DeepSpeed needed. Several runs export in one process (one interpreter start-up instead of
-one per stage), each to `PATH/<run dir name>.safetensors`."""
+"""`unclip export RUN_DIR [RUN_DIR ...] --out PATH [--format unclip|diffusers]`.
+
+unclip (default): consolidated EMA weights (safetensors), no DeepSpeed needed. Several runs
+export in one process (one interpreter start-up instead of one per stage), each to
+`PATH/<run dir name>.safetensors`.
+diffusers: one `UnCLIPPipeline` folder at PATH from a prior, a decoder and an upsampler (run
+directories or export files) and the CLIP they read; refused, naming every setting that does
+not map and writing nothing, for runs diffusers cannot express."""
 
 from __future__ import annotations
 
@@ -21,12 +26,33 @@ def targets(run_dirs: list[str], out: str) -> list[tuple[Path, str]]:
     return [(Path(run), join_url(out, f"{Path(run).resolve().name}.safetensors")) for run in run_dirs]
 
 
+def export_diffusers(args: argparse.Namespace) -> int:
+    from launch.export_diffusers import export_runs
+    from models.config import ConfigError
+    from models.interop.diffusers_unet import Unmappable
+    from models.weights import WeightsError
+
+    try:
+        out = export_runs(args.run_dirs, args.out)
+    except (Unmappable, FileExistsError, ConfigError) as err:
+        print(f"unclip export: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (WeightsError, OSError) as err:
+        print(f"unclip export: {err}", file=sys.stderr)
+        return EXIT_RUNTIME
+    print(f"unclip export: diffusers UnCLIPPipeline folder -> {out}")
+    return EXIT_OK
+
+
 def main(args: argparse.Namespace) -> int:
     for run_dir in args.run_dirs:
         check_run_dir(run_dir, "RUN_DIR")
     check_urls("--out", args.out, write=True)
     from models.weights import WeightsError
     from trainer.export import export
+
+    if getattr(args, "export_format", "unclip") == "diffusers":
+        return export_diffusers(args)
 
     pairs = targets(args.run_dirs, args.out)
     try:  # the output folder, before any checkpoint is read; in an object store, its bucket

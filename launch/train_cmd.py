@@ -1,13 +1,15 @@
-"""`unclip train --config FILE [--run-dir DIR] [--nproc N] [--no-resume]`.
+"""`unclip train --config FILE [--run-dir DIR] [--nproc N] [--no-resume] [--init-from WEIGHTS]`.
 
 Validates the job (exit 2 on a bad config before any work), prepares the run directory
-(`config.yaml` = the resolved job), refuses to resume an incompatible run, then starts N
-local ranks of `launch.worker`. For several nodes use `unclip launch`.
+(`config.yaml` = the resolved job), refuses to resume an incompatible run or to start a fresh
+one from weights that do not fit it, then starts N local ranks of `launch.worker`. For
+several nodes use `unclip launch` (with `--set init_from=WEIGHTS`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -92,16 +94,58 @@ def preflight(path: str, job: TrainJob, *, world_size: int) -> None:
         raise ConfigError("preflight (`unclip check`) found problems:\n  " + "\n  ".join(report.problems))
 
 
+def check_embedding_conventions(job: TrainJob) -> None:
+    """ConfigError where an embeddings folder the job reads holds unit-norm embeddings and the
+    stage reads raw ones, or the other way round (cheap: one manifest per source)."""
+    from data_pipeline.embeddings import convention_problem, read_manifest
+
+    clip = getattr(job, "clip", None)
+    if clip is None or job.data is None:
+        return
+    for i, src in enumerate(job.data.sources):
+        if src.embeddings is None or src.format == "clip-retrieval":
+            continue
+        folder = src.embeddings if isinstance(src.embeddings, str) else src.embeddings[0]
+        try:
+            manifest = read_manifest(folder)
+        except (OSError, ValueError):
+            continue  # unreadable or absent: the data loader says so, with its own message
+        problem = manifest and convention_problem(manifest, clip.embeddings, folder=folder, key="clip.embeddings")
+        if problem:
+            raise ConfigError(f"data.sources[{i}].embeddings: {problem}")
+
+
+def init_from_override(args: argparse.Namespace) -> list[str]:
+    """`--init-from PATH` as the job's `init_from`, absolute (the ranks may start elsewhere)."""
+    path = getattr(args, "init_from", None)
+    return [f"init_from={json.dumps(str(Path(path).resolve()))}"] if path else []
+
+
+def check_initial_weights(job: TrainJob, run_dir: Path, *, resume: bool) -> None:
+    """A fresh run's `init_from` must fit the job (headers only); a resumed one ignores it."""
+    from models.weights import find_latest
+    from trainer.init_from import check_init_from
+
+    if job.init_from is None:
+        return
+    if resume and find_latest(run_dir / "checkpoints") is not None:
+        print(f"[unclip train] init_from {job.init_from} ignored: the run resumes from its own checkpoint", flush=True)
+        return
+    check_init_from(job)
+
+
 def main(args: argparse.Namespace) -> int:
     from launch.launchers import run_local, worker_args
 
-    job = load_train_job(args.config, [*args.overrides, *metrics_overrides(args)])
+    job = load_train_job(args.config, [*args.overrides, *metrics_overrides(args), *init_from_override(args)])
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1 (got {args.nproc})")
     check_data_sources(job)
     check_run_dir(args.run_dir)
-    preflight(args.config, job, world_size=args.nproc)
     run_dir = Path(args.run_dir or Path("runs") / job.name)
+    check_initial_weights(job, run_dir, resume=not args.no_resume)
+    check_embedding_conventions(job)
+    preflight(args.config, job, world_size=args.nproc)
     config = prepare_run_dir(job, run_dir, resume=not args.no_resume)
     print(f"[unclip train] {job.stage} job {job.name!r}: {args.nproc} rank(s), run directory {run_dir}", flush=True)
     code = run_local(worker_args(config, run_dir), args.nproc)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import open_clip
 import torch
@@ -25,10 +25,13 @@ from models.config import config_dataclass
 @config_dataclass
 class ClipConfig:
     """`name`: an open_clip architecture (e.g. `ViT-L-14`) or a registered tiny one;
-    `pretrained`: None (random weights), an open_clip pretrained tag, or a local file path."""
+    `pretrained`: None (random weights), an open_clip pretrained tag, or a local file path;
+    `embeddings`: `unit` (L2-normalised, the paper's convention) or `raw` (as CLIP's towers
+    output them: Karlo's prior and decoder read these)."""
 
     name: str = "ViT-B-32"
     pretrained: Optional[str] = None
+    embeddings: Literal["unit", "raw"] = "unit"
 
 
 # Tiny architectures for tests and the demo, as open_clip model-config files in
@@ -108,10 +111,11 @@ class ClipAdapter(nn.Module):
     `mean`/`std` (CLIP's per-channel normalisation, tuples of 3), `model` (open_clip).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, name: str = ""):
+    def __init__(self, model: nn.Module, tokenizer, name: str = "", normalize: bool = True):
         super().__init__()
         self.model = model
         self.name = name
+        self.normalize = normalize
         self._tokenizer = tokenizer
         self.context_length = int(getattr(tokenizer, "context_length", None) or _text_tower(model).context_length)
         size = model.visual.image_size
@@ -156,19 +160,16 @@ class ClipAdapter(nn.Module):
     def encode_text(self, texts: TextInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode captions or tokens [batch, L].
 
-        Returns `text_embed` [batch, D] (unit norm), `text_encodings` [batch, L, W] (the text
-        transformer's per-token outputs after ln_final, before pooling/projection, zero at
-        padding) and `text_mask` [batch, L] bool (True at real tokens).
+        Returns `text_embed` [batch, D] (unit norm unless built with `normalize=False`),
+        `text_encodings` [batch, L, W] (the text transformer's per-token outputs after
+        ln_final, before pooling/projection, zero at padding) and `text_mask` [batch, L] bool
+        (True at real tokens).
         """
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
         if tokens.ndim != 2:
             raise ValueError(f"encode_text expects tokens [batch, length], got shape {tuple(tokens.shape)}")
-        tokens = tokens.to(self.device, torch.long)
-        tower = _text_tower(self.model)
-        embed, encodings = _text_forward(self.model, tower, tokens)
-        mask = tokens != 0
-        encodings = encodings.masked_fill(~mask[..., None], 0.0)
-        return F.normalize(embed.float(), dim=-1), encodings.float(), mask
+        embed, encodings, mask = encode_tokens(self.model, _text_tower(self.model), tokens.to(self.device, torch.long))
+        return (F.normalize(embed, dim=-1) if self.normalize else embed), encodings, mask
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -184,7 +185,19 @@ class ClipAdapter(nn.Module):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True, align_corners=False)
             x = x.clamp(0, 1)
         x = (x - self._mean) / self._std
-        return F.normalize(self.model.encode_image(x).float(), dim=-1)
+        embed = self.model.encode_image(x).float()
+        return F.normalize(embed, dim=-1) if self.normalize else embed
+
+
+@torch.no_grad()
+def encode_tokens(model: Optional[nn.Module], tower: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw (unnormalised) `text_embed` [B, D], `text_encodings` [B, L, W] zeroed at padding
+    and `text_mask` [B, L] of open_clip `tokens` (0 pads) through `tower` (a CLIP's text
+    tower: the CLIP `model` itself or its `.text`, or a standalone `TextTransformer` with
+    `model=None`)."""
+    embed, encodings = _text_forward(model, tower, tokens)
+    mask = tokens != 0
+    return embed.float(), encodings.masked_fill(~mask[..., None], 0.0).float(), mask
 
 
 def _text_tower(model: nn.Module) -> nn.Module:
@@ -231,8 +244,11 @@ def _resolve_pretrained(name: str, pretrained: Optional[str]) -> Optional[str]:
     return pretrained
 
 
-def load_clip(name: str, pretrained: Optional[str] = None, device: Union[str, torch.device] = "cpu") -> ClipAdapter:
-    """Build open_clip architecture `name`, frozen and in eval mode.
+def load_clip(
+    name: str, pretrained: Optional[str] = None, device: Union[str, torch.device] = "cpu", normalize: bool = True
+) -> ClipAdapter:
+    """Build open_clip architecture `name`, frozen and in eval mode (`normalize`: unit-norm
+    embeddings out, else raw).
 
     `pretrained`: None (random init, seeded so that every process builds the same model), an open_clip pretrained tag (needs the
     hub or its cache), or a local .pt/.pth/.bin/.safetensors file (loaded with
@@ -247,9 +263,9 @@ def load_clip(name: str, pretrained: Optional[str] = None, device: Union[str, to
         torch.manual_seed(0)
         model = open_clip.create_model(name, pretrained=pretrained, device=device, weights_only=True, pretrained_text=False)
     tokenizer = open_clip.get_tokenizer(name)
-    return ClipAdapter(model, tokenizer, name=name).to(device)
+    return ClipAdapter(model, tokenizer, name=name, normalize=normalize).to(device)
 
 
 def load_clip_from_config(cfg: ClipConfig, device: Union[str, torch.device] = "cpu") -> ClipAdapter:
-    """`load_clip(cfg.name, cfg.pretrained, device)`."""
-    return load_clip(cfg.name, cfg.pretrained, device=device)
+    """`load_clip(cfg.name, cfg.pretrained, device)`, with `cfg.embeddings` unit or raw."""
+    return load_clip(cfg.name, cfg.pretrained, device=device, normalize=cfg.embeddings == "unit")

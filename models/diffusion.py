@@ -11,6 +11,14 @@ The denoiser protocol: `model_fn(x_t, t, **cond) -> prediction` with the predict
 set by `objective` (`eps`: the noise, `x0`: the clean input, `v`: `sqrt(a) eps - sqrt(1-a) x0`).
 For classifier-free guidance `model_fn` also accepts `null_cond`, a BoolTensor `[batch]`: rows
 where it is True must be predicted with the model's learned "no condition" inputs.
+
+Learned variance (`learn_sigma`, Nichol & Dhariwal 2021, "Improved DDPM", sec. 3.1): the model
+outputs twice the channels, `[prediction, v]` along dim 1, with `v` in [-1, 1] interpolating
+the reverse step's log variance between the posterior's (`frac = 0`) and `beta_t`'s
+(`frac = 1`), `frac = (v + 1) / 2`. It trains with the hybrid loss `L_simple + lambda L_vlb`,
+the VLB term seeing the mean through a stop-gradient so that only `v` learns from it. DDPM
+sampling uses the learned variance over respaced steps (interpolating the respaced chain's own
+beta and posterior variance, as improved-diffusion's `SpacedDiffusion` does); DDIM ignores it.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.layers import FullPrecisionBuffers
+from models.likelihood import discretized_gaussian_log_likelihood, normal_kl
 from models.config import (
     NonNegativeFloat,
     PositiveFloat,
@@ -50,7 +59,13 @@ class DiffusionConfig:
     eta: NonNegativeFloat = 0.0
     guidance_scale: NonNegativeFloat = 1.0
     clip_x0: Literal["none", "static", "dynamic"] = "none"
+    # `static` clamps x0 to [-clip_range, clip_range] (Karlo's prior: 5, in its standardised space)
+    clip_range: PositiveFloat = 1.0
     dynamic_threshold_percentile: Probability = 0.995
+    # Improved DDPM's learned variance: the model outputs [prediction, v] (2x the channels)
+    # and trains with L_simple + vlb_weight * L_vlb (the paper's lambda = 0.001).
+    learn_sigma: bool = False
+    vlb_weight: NonNegativeFloat = 0.001
 
     def __post_init__(self) -> None:
         if self.sample_steps > self.timesteps:
@@ -95,6 +110,8 @@ class GaussianDiffusion(FullPrecisionBuffers):
         objective: Objective = "eps",
         loss_weighting: Literal["none", "min_snr"] = "none",
         min_snr_gamma: float = 5.0,
+        learn_sigma: bool = False,
+        vlb_weight: float = 0.001,
     ) -> None:
         super().__init__()
         if schedule not in ("cosine", "linear"):
@@ -108,6 +125,8 @@ class GaussianDiffusion(FullPrecisionBuffers):
         self.objective = objective
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = float(min_snr_gamma)
+        self.learn_sigma = bool(learn_sigma)
+        self.vlb_weight = float(vlb_weight)
 
         # Everything is derived in float64 and stored in float32: the products of
         # 1000 factors lose digits in float32, the stored values do not need them.
@@ -128,6 +147,7 @@ class GaussianDiffusion(FullPrecisionBuffers):
             "posterior_log_variance_clipped": torch.log(
                 torch.cat([posterior_variance[1:2], posterior_variance[1:]])
             ),
+            "log_betas": torch.log(betas),
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
             "posterior_mean_coef2": (1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
         }
@@ -136,7 +156,9 @@ class GaussianDiffusion(FullPrecisionBuffers):
 
     @classmethod
     def from_config(cls, cfg: DiffusionConfig) -> "GaussianDiffusion":
-        return cls(cfg.timesteps, cfg.schedule, cfg.objective, cfg.loss_weighting, cfg.min_snr_gamma)
+        return cls(
+            cfg.timesteps, cfg.schedule, cfg.objective, cfg.loss_weighting, cfg.min_snr_gamma, cfg.learn_sigma, cfg.vlb_weight
+        )
 
     # ----------------------------------------------------------------- identities
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Optional[Tensor] = None) -> Tensor:
@@ -196,6 +218,47 @@ class GaussianDiffusion(FullPrecisionBuffers):
             return self.predict_start_from_v(x_t, t, model_output)
         return model_output
 
+    # ----------------------------------------------------------------- learned variance
+    def split_output(self, model_output: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """`(prediction, v)`: with `learn_sigma` the two halves of dim 1 (`v` as float32),
+        else `(model_output, None)`."""
+        if not self.learn_sigma:
+            return model_output, None
+        if model_output.shape[1] % 2:
+            raise ValueError(
+                f"learn_sigma: the model must output 2x the channels [prediction, v] along dim 1, got {tuple(model_output.shape)}"
+            )
+        prediction, v = model_output.chunk(2, dim=1)
+        return prediction, v.float()
+
+    @staticmethod
+    def interpolate_log_variance(v: Tensor, min_log: Tensor, max_log: Tensor) -> Tensor:
+        """Improved DDPM eq. 15: `frac * max_log + (1 - frac) * min_log`, `frac = (v + 1) / 2`."""
+        frac = (v + 1) / 2
+        return frac * max_log + (1 - frac) * min_log
+
+    def model_log_variance(self, v: Tensor, t: Tensor) -> Tensor:
+        """Log variance of `p(x_{t-1} | x_t)` for the learned `v` (shaped like x_t) on the full
+        chain: between the clipped posterior log variance and `log beta_t`."""
+        min_log = _extract(self.posterior_log_variance_clipped, t, v)
+        max_log = _extract(self.log_betas, t, v)
+        return self.interpolate_log_variance(v, min_log, max_log)
+
+    def vlb_terms(self, x_start: Tensor, x_t: Tensor, t: Tensor, prediction: Tensor, v: Tensor) -> Tensor:
+        """The VLB term `L_t` of each sample in bits per dimension, `[batch]`: the KL from the
+        true posterior `q(x_{t-1} | x_t, x_0)` to the model's step for t > 0, and the
+        discretized decoder NLL `-log p(x_0 | x_1)` at t = 0 (data in [-1, 1], 256 levels).
+        The model's mean comes from `prediction` (its x0 unclipped), its variance from `v`."""
+        x_start, x_t, v = x_start.float(), x_t.float(), v.float()
+        true_mean, _, true_log_variance = self.q_posterior(x_start, x_t, t)
+        model_mean, _, _ = self.q_posterior(self.predict_start(x_t, t, prediction.float()), x_t, t)
+        model_log_variance = self.model_log_variance(v, t)
+        kl = normal_kl(true_mean, true_log_variance, model_mean, model_log_variance)
+        nll = -discretized_gaussian_log_likelihood(x_start, model_mean, 0.5 * model_log_variance)
+        at_zero = (t == 0).to(x_start.device).reshape(-1, *([1] * (x_start.ndim - 1)))
+        per_dim = torch.where(at_zero, nll, kl)
+        return per_dim.flatten(1).mean(dim=1) / math.log(2.0)
+
     # ----------------------------------------------------------------- training
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio `a / (1 - a)` at timesteps `t`, `[batch]`."""
@@ -229,7 +292,9 @@ class GaussianDiffusion(FullPrecisionBuffers):
         noise: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
     ) -> Tensor:
-        """Mean (optionally weighted) MSE between the model output and the objective's target.
+        """Mean (optionally weighted) MSE between the model output and the objective's target;
+        with `learn_sigma` plus `vlb_weight * timesteps * L_t` (bits per dimension), the
+        uniform-t estimate of `lambda L_vlb`, computed with the prediction detached.
 
         `x_start`: `[batch, ...]`; `cond` is passed to `model_fn` as keyword arguments.
         `t` and `noise` are drawn uniformly / from N(0, I) unless given. Returns a scalar
@@ -241,7 +306,7 @@ class GaussianDiffusion(FullPrecisionBuffers):
         if noise is None:
             noise = torch.randn(x_start.shape, device=x_start.device, dtype=x_start.dtype, generator=generator)
         x_t = self.q_sample(x_start, t, noise)
-        prediction = model_fn(x_t, t, **(cond or {}))
+        prediction, v = self.split_output(model_fn(x_t, t, **(cond or {})))
         if self.objective == "eps":
             target = noise
         elif self.objective == "x0":
@@ -249,14 +314,24 @@ class GaussianDiffusion(FullPrecisionBuffers):
         else:
             target = self.calculate_v(x_start, t, noise)
         per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
-        return (per_sample * self.loss_weights(t)).mean()
+        per_sample = per_sample * self.loss_weights(t)
+        if v is not None:
+            # the stop-gradient of improved DDPM: L_vlb trains the variance, L_simple the mean
+            vlb = self.vlb_terms(x_start, x_t, t, prediction.detach(), v)
+            per_sample = per_sample + self.vlb_weight * self.timesteps * vlb
+        return per_sample.mean()
 
     # ----------------------------------------------------------------- sampling
     def respaced_timesteps(self, steps: int) -> list[int]:
-        """`steps` timesteps from `timesteps - 1` down to 0, evenly spaced (descending)."""
+        """`steps` timesteps from `timesteps - 1` down to 0, evenly spaced (descending):
+        `round(k (T - 1) / (steps - 1))` in float64, ties to even, the spacing of Karlo and of
+        diffusers' `UnCLIPScheduler`, so both sample at the same timesteps for every `steps`."""
         if not 1 <= steps <= self.timesteps:
             raise ValueError(f"steps must be in [1, {self.timesteps}], got {steps}")
-        ts = torch.linspace(self.timesteps - 1, 0, steps, dtype=torch.float64).round().long()
+        if steps == 1:
+            return [self.timesteps - 1]
+        ratio = (self.timesteps - 1) / (steps - 1)
+        ts = (torch.arange(steps, dtype=torch.float64) * ratio).round().long()
         return sorted(set(ts.tolist()), reverse=True)
 
     def guided_prediction(
@@ -271,7 +346,8 @@ class GaussianDiffusion(FullPrecisionBuffers):
 
         Both passes run as one forward of batch `2 * batch` (conditional rows first); tensors
         in `cond` whose first dimension is the batch are repeated, other values passed as is.
-        With scale 1 only the conditional pass runs.
+        With scale 1 only the conditional pass runs. With `learn_sigma` only the prediction is
+        guided; the variance channels are the conditional pass's (as GLIDE and Karlo sample).
         """
         cond = cond or {}
         if guidance_scale == 1.0:
@@ -284,16 +360,19 @@ class GaussianDiffusion(FullPrecisionBuffers):
         null_cond = torch.arange(2 * batch, device=x_t.device) >= batch
         out = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), null_cond=null_cond, **doubled)
         conditional, unconditional = out.chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional)
+        cond_pred, v = self.split_output(conditional)
+        uncond_pred, _ = self.split_output(unconditional)
+        guided = uncond_pred + guidance_scale * (cond_pred - uncond_pred)
+        return guided if v is None else torch.cat([guided, v.to(guided.dtype)], dim=1)
 
     @staticmethod
-    def clip_start(x0: Tensor, mode: str, percentile: float = 0.995) -> Tensor:
-        """`static`: clamp to [-1, 1]. `dynamic` (Saharia et al. 2022, Imagen): per sample,
-        s = max(1, the `percentile` quantile of |x0|); clamp to [-s, s] and divide by s."""
+    def clip_start(x0: Tensor, mode: str, percentile: float = 0.995, clip_range: float = 1.0) -> Tensor:
+        """`static`: clamp to [-clip_range, clip_range]. `dynamic` (Saharia et al. 2022, Imagen):
+        per sample, s = max(1, the `percentile` quantile of |x0|); clamp to [-s, s], divide by s."""
         if mode == "none":
             return x0
         if mode == "static":
-            return x0.clamp(-1.0, 1.0)
+            return x0.clamp(-clip_range, clip_range)
         if mode == "dynamic":
             s = torch.quantile(x0.detach().float().abs().flatten(1), percentile, dim=1).clamp(min=1.0)
             s = s.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
@@ -318,6 +397,7 @@ class GaussianDiffusion(FullPrecisionBuffers):
         guidance_scale: float = 1.0,
         clip_x0: str = "none",
         dynamic_threshold_percentile: float = 0.995,
+        clip_range: float = 1.0,
         noise: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
         device: Optional[torch.device] = None,
@@ -328,7 +408,8 @@ class GaussianDiffusion(FullPrecisionBuffers):
 
         `ddim` (Song et al. 2021) with `eta` (0: deterministic, 1: as noisy as DDPM);
         `ddpm`: ancestral sampling from the posterior between consecutive respaced steps, which
-        equals `q_posterior` when `steps == timesteps`. `noise` fixes x_T (e.g. to share decoder
+        equals `q_posterior` when `steps == timesteps`; with `learn_sigma` its variance is the
+        learned interpolation between that posterior's and the respaced beta. `noise` fixes x_T (e.g. to share decoder
         noise across interpolation frames); `generator` makes every draw reproducible.
         `progress(i, n)` is called after each step.
         """
@@ -342,12 +423,13 @@ class GaussianDiffusion(FullPrecisionBuffers):
         for i, step in enumerate(timesteps):
             prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             t = torch.full((x.shape[0],), step, device=device, dtype=torch.long)
-            out = self.guided_prediction(model_fn, x, t, cond, guidance_scale)
-            x0 = self.clip_start(self.predict_start(x, t, out.to(x.dtype)), clip_x0, dynamic_threshold_percentile)
+            prediction, v = self.split_output(self.guided_prediction(model_fn, x, t, cond, guidance_scale))
+            x0 = self.predict_start(x, t, prediction.to(x.dtype))
+            x0 = self.clip_start(x0, clip_x0, dynamic_threshold_percentile, clip_range)
             if sampler == "ddim":
                 x = self._ddim_step(x, x0, t, step, prev, eta, generator)
             else:
-                x = self._ddpm_step(x, x0, step, prev, generator)
+                x = self._ddpm_step(x, x0, step, prev, generator, v)
             if progress is not None:
                 progress(i + 1, len(timesteps))
         return x
@@ -362,13 +444,23 @@ class GaussianDiffusion(FullPrecisionBuffers):
             x_prev = x_prev + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         return x_prev.to(x.dtype)
 
-    def _ddpm_step(self, x, x0, step, prev, generator):
+    def respaced_step_variances(self, step: int, prev: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """`(beta, posterior variance)` of the respaced chain's step `step -> prev` (prev >= 0):
+        `beta = 1 - a_step / a_prev` and `beta (1 - a_prev) / (1 - a_step)`, the bounds that a
+        learned `v` interpolates between (in log space)."""
+        a, a_prev = self._alpha_cumprod_at(step, like), self._alpha_cumprod_at(prev, like)
+        beta = 1 - a / a_prev
+        return beta, beta * (1 - a_prev) / (1 - a)
+
+    def _ddpm_step(self, x, x0, step, prev, generator, v=None):
         if prev < 0:
             return x0
         # posterior q(x_prev | x_t, x0) of the respaced chain: its beta is 1 - a_t / a_prev
         a, a_prev = self._alpha_cumprod_at(step, x), self._alpha_cumprod_at(prev, x)
-        beta = 1 - a / a_prev
+        beta, variance = self.respaced_step_variances(step, prev, x)
         mean = (a_prev.sqrt() * beta / (1 - a)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a)) * x
-        variance = beta * (1 - a_prev) / (1 - a)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        return (mean + variance.sqrt() * noise).to(x.dtype)
+        if v is None:
+            return (mean + variance.sqrt() * noise).to(x.dtype)
+        log_variance = self.interpolate_log_variance(v.to(mean.dtype), variance.log(), beta.log())
+        return (mean + torch.exp(0.5 * log_variance) * noise).to(x.dtype)

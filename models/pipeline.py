@@ -149,12 +149,14 @@ class UnCLIPPipeline:
         generator: Optional[torch.Generator] = None,
         decoder_noise: Optional[Tensor] = None,
         share_noise: bool = False,
+        text_embed: Optional[Tensor] = None,
     ) -> Tensor:
         """Image embeddings `[B, D]` -> images `[B, 3, S, S]` in [-1, 1], S the last stage's size.
 
         Runs the decoder, then each upsampler (with its own configured steps unless
         `upsampler_steps` is given). `decoder_noise` fixes the decoder's x_T; `share_noise`
-        gives every row the same x_T at every stage (interpolation frames)."""
+        gives every row the same x_T at every stage (interpolation frames). `text_embed`
+        `[B, D]` reaches decoders that read the caption's CLIP embedding (Karlo's)."""
         batch = image_embed.shape[0]
         generator = generator if generator is not None else self.generator(0)
         image_embed = image_embed.to(self.device)
@@ -176,6 +178,7 @@ class UnCLIPPipeline:
             eta=eta,
             noise=decoder_noise.to(self.device),
             generator=generator,
+            **({"text_embed": text_embed.to(self.device)} if text_embed is not None and cfg.use_text_embed else {}),
         )
         for up in self.upsamplers:
             images = up.sample(
@@ -217,6 +220,7 @@ class UnCLIPPipeline:
             steps=steps,
             sampler=sampler,
             generator=generator,
+            text_embed=text_embed,
             **decode_kwargs,
         )
 

@@ -13,9 +13,10 @@ from torch import Tensor, nn
 
 from models.config import PositiveFloat, PositiveInt, Probability, config_dataclass
 from models.diffusion import DiffusionConfig, GaussianDiffusion
+from models.embedding_space import ClipEmbeddings, EmbeddingSpace
 from models.layers import timestep_embedding
 from models.pca import PCAQuantizer, ScalarQuantizer
-from models.text_conditioning import TextConditioning, check_text_inputs, draw_bernoulli, resolve_cond_drop
+from models.text_conditioning import NullText, TextConditioning, check_text_inputs, draw_bernoulli, resolve_cond_drop
 from models.transformer import CausalTransformer, KVCache, init_weights
 
 
@@ -47,6 +48,19 @@ class DiffusionPriorConfig:
     image_embed_scale: Optional[Union[PositiveFloat, Literal["stats"]]] = None
     sample_candidates: PositiveInt = 2  # paper: draw 2, keep the one closest to the text embed
     diffusion: DiffusionConfig = Field(default_factory=_prior_diffusion)
+    # `unit`: unit-norm embeddings, scaled as above; `raw` (Karlo): CLIP's unnormalised
+    # embeddings, standardised per dimension by the training set's mean and std
+    clip_embeddings: ClipEmbeddings = "unit"
+    # what replaces a dropped caption: learned null tokens, or the empty caption's CLIP outputs
+    null_text: NullText = "learned"
+    qkv_bias: bool = False  # biases on the attention's query/key/value projections (Karlo: yes)
+
+    def __post_init__(self) -> None:
+        if self.diffusion.learn_sigma:
+            raise ValueError(
+                "diffusion.learn_sigma: not available for the prior (its VLB's decoder term is the "
+                "discretized likelihood of 8-bit images; the prior samples with fixed variances)"
+            )
 
 
 @config_dataclass
@@ -90,8 +104,9 @@ class DiffusionPrior(nn.Module):
     `[text encodings..., text embed, timestep, noised image embed, query]` whose output at the
     query, projected to `embed_dim`, is the prediction (`cfg.diffusion.objective`, x0 by default).
 
-    The diffusion runs on image embeddings scaled by `image_embed_scale` (default sqrt(D));
-    `loss` and `sample` take and return unit-norm CLIP embeddings.
+    The diffusion runs in `embedding_space` (`cfg.clip_embeddings`): unit-norm embeddings
+    scaled by `image_embed_scale` (default sqrt(D)), or raw ones standardised by the training
+    set's statistics (Karlo); `loss` and `sample` take and return CLIP embeddings of that kind.
     """
 
     cond_names = ("text_encodings", "text_embed")
@@ -104,15 +119,20 @@ class DiffusionPrior(nn.Module):
         if cfg.image_embed_scale == "stats":
             raise ValueError("image_embed_scale: 'stats' must be resolved into a number first (`unclip train` does, "
                              "from the embeddings' stats.json)")
-        self.scale = float(cfg.image_embed_scale or math.sqrt(cfg.embed_dim))
+        raw = cfg.clip_embeddings == "raw"
+        scale = float(cfg.image_embed_scale or math.sqrt(cfg.embed_dim))
+        self.embedding_space = EmbeddingSpace(cfg.embed_dim, cfg.clip_embeddings, scale)
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion)
-        self.text = TextConditioning(cfg.embed_dim, cfg.text_width, cfg.max_text_len, dim, cfg.use_text_encodings)
+        self.text = TextConditioning(
+            cfg.embed_dim, cfg.text_width, cfg.max_text_len, dim, cfg.use_text_encodings,
+            embed_scale=1.0 if raw else None, null_text=cfg.null_text,
+        )
         self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.image_proj = nn.Linear(cfg.embed_dim, dim)
         self.query = nn.Parameter(torch.randn(dim) * 0.02)
         # fixed positions for the 4 trailing tokens, so padding the text changes nothing
         self.tail_pos = nn.Parameter(torch.randn(4, dim) * 0.02)
-        self.transformer = CausalTransformer(dim, cfg.depth, cfg.heads, cfg.dim_head, cfg.ff_mult, cfg.dropout)
+        self.transformer = CausalTransformer(dim, cfg.depth, cfg.heads, cfg.dim_head, cfg.ff_mult, cfg.dropout, cfg.qkv_bias)
         self.to_out = nn.Linear(dim, cfg.embed_dim)
         init_weights(self)
 
@@ -178,7 +198,7 @@ class DiffusionPrior(nn.Module):
         cond = {"text_embed": text_embed, "text_encodings": text_encodings, "text_mask": text_mask}
         if self.training:
             cond["cond_drop"] = self.draw_cond_drop(batch, image_embed.device, generator)
-        return self.diffusion.loss(self, image_embed.float() * self.scale, cond=cond, generator=generator)
+        return self.diffusion.loss(self, self.embedding_space.to_diffusion(image_embed), cond=cond, generator=generator)
 
     @torch.no_grad()
     def sample(
@@ -223,17 +243,20 @@ class DiffusionPrior(nn.Module):
             guidance_scale=dc.guidance_scale if guidance_scale is None else guidance_scale,
             clip_x0=dc.clip_x0,
             dynamic_threshold_percentile=dc.dynamic_threshold_percentile,
+            clip_range=dc.clip_range,
             generator=generator,
             device=text_embed.device,
         )
-        embeds = F.normalize(x0.float() / self.scale, dim=-1)
+        embeds = self.embedding_space.from_diffusion(x0)
         return select_candidates(rearrange(embeds, "(b k) d -> b k d", k=k), text_embed)
 
 
 def select_candidates(candidates: Tensor, text_embed: Tensor) -> Tensor:
-    """From `candidates` `[B, k, D]` keep, per row, the one with the highest dot product with
-    `text_embed` `[B, D]` -> `[B, D]`."""
-    scores = torch.einsum("bkd,bd->bk", candidates, text_embed.to(candidates.dtype))
+    """From `candidates` `[B, k, D]` keep, per row, the one with the highest cosine similarity
+    (for unit-norm embeddings: dot product) with `text_embed` `[B, D]` -> `[B, D]`."""
+    if candidates.shape[1] == 1:
+        return candidates[:, 0]
+    scores = torch.einsum("bkd,bd->bk", F.normalize(candidates, dim=-1), F.normalize(text_embed.to(candidates.dtype), dim=-1))
     best = scores.argmax(dim=1)
     return candidates[torch.arange(candidates.shape[0], device=candidates.device), best]
 

@@ -7,10 +7,15 @@ and the CLIP text embedding) and drop them the same way; this module holds that 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.layers import FullPrecisionBuffers
+
+NullText = Literal["learned", "empty_caption"]
 
 
 def check_text_inputs(
@@ -39,26 +44,124 @@ def check_text_inputs(
         )
 
 
+class NullCaption(FullPrecisionBuffers):
+    """The empty caption's CLIP outputs, standing in for a dropped (or absent) caption: what
+    Karlo trains and samples with instead of learned null tokens (`null_text: empty_caption`).
+
+    Persistent float32 buffers (they are CLIP's outputs, not weights: frozen, saved with the
+    model): `text_embed` `[D]`, `text_encodings` `[max_text_len, W]`, `text_mask`
+    `[max_text_len]` (True at the empty caption's start and end tokens). Unset (mask all
+    False) until `set` fills them: in from the CLIP encoding of "", by import or preparation."""
+
+    def __init__(self, embed_dim: int, text_width: int, max_text_len: int) -> None:
+        super().__init__()
+        self.register_buffer("text_embed", torch.zeros(embed_dim))
+        self.register_buffer("text_encodings", torch.zeros(max_text_len, text_width))
+        self.register_buffer("text_mask", torch.zeros(max_text_len, dtype=torch.bool))
+
+    @torch.no_grad()
+    def set(self, text_embed: Tensor, text_encodings: Tensor, text_mask: Tensor) -> None:
+        """Store CLIP's outputs for "": `[D]`, `[L, W]`, `[L]` (or with a batch dim of 1); L
+        may be shorter than max_text_len (the rest is padding) but must hold every real token."""
+        text_embed, text_encodings, text_mask = (x.reshape(x.shape[-n:]) for x, n in ((text_embed, 1), (text_encodings, 2), (text_mask, 1)))
+        limit = self.text_mask.shape[0]
+        if text_mask[limit:].any() or not text_mask.any():
+            raise ValueError(f"NullCaption.set: the empty caption must have 1..{limit} real tokens")
+        length = min(limit, text_mask.shape[0])
+        self.text_embed.copy_(text_embed)
+        self.text_encodings.zero_()
+        self.text_encodings[:length].copy_(text_encodings[:length])
+        self.text_mask.zero_()
+        self.text_mask[:length].copy_(text_mask[:length].bool())
+
+    @property
+    def length(self) -> int:
+        """Tokens up to the empty caption's last real one (a batch must be at least this long;
+        on the meta device, where the memory plan runs, all of max_text_len)."""
+        if self.text_mask.is_meta:
+            return self.text_mask.shape[0]
+        return int(self.text_mask.nonzero().max()) + 1
+
+    def substitute(
+        self, drop: Tensor, text_embed: Optional[Tensor], text_encodings: Optional[Tensor], text_mask: Optional[Tensor]
+    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """The inputs with rows where `drop` `[B]` is True replaced by the empty caption; an
+        absent `text_embed` (None) is the empty caption's for every row, absent encodings stay
+        absent. Encodings are padded to hold the empty caption's tokens; a None `text_mask`
+        means every token is real. Returns `(text_embed [B, D], text_encodings [B, L', W] or
+        None, text_mask [B, L'] or None)`."""
+        if not self.text_mask.is_meta and not bool(self.text_mask[0]):
+            if text_embed is None or bool(drop.any()):
+                raise RuntimeError(
+                    "null_text is empty_caption but the empty caption's CLIP encodings were never set "
+                    "(import the weights, or run the stage's preparation, which encodes \"\" with its CLIP)"
+                )
+            return text_embed, text_encodings, text_mask
+        batch, device = drop.shape[0], drop.device
+        null_embed = self.text_embed.to(device)
+        if text_embed is None:
+            text_embed = null_embed.expand(batch, -1)
+        else:
+            text_embed = torch.where(drop[:, None], null_embed.to(text_embed.dtype), text_embed)
+        if text_encodings is None:
+            return text_embed, None, None
+        length = max(text_encodings.shape[1], self.length)
+        if text_mask is None:
+            text_mask = torch.ones(text_encodings.shape[:2], dtype=torch.bool, device=device)
+        pad = length - text_encodings.shape[1]
+        text_encodings = F.pad(text_encodings, (0, 0, 0, pad))
+        text_mask = F.pad(text_mask.to(device=device, dtype=torch.bool), (0, pad), value=False)
+        null_enc = self.text_encodings[:length].to(device=device, dtype=text_encodings.dtype)
+        text_encodings = torch.where(drop[:, None, None], null_enc, text_encodings)
+        text_mask = torch.where(drop[:, None], self.text_mask[:length].to(device), text_mask)
+        return text_embed, text_encodings, text_mask
+
+    def encodings_for(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The empty caption as a batch: encodings `[batch, length, W]`, mask `[batch, length]`."""
+        length = self.length
+        enc = self.text_encodings[:length].to(device).expand(batch, -1, -1)
+        return enc, self.text_mask[:length].to(device).expand(batch, -1)
+
+
 class TextConditioning(nn.Module):
     """The caption as model tokens: per-token text encodings (projected, with learned positions)
     and the CLIP text embedding (one token), each with a learned null token that classifier-free
     guidance swaps in for dropped rows.
 
     A dropped caption becomes one valid null token followed by padding, so the unconditional
-    prediction does not depend on how long the batch's captions were padded.
+    prediction does not depend on how long the batch's captions were padded. With
+    `null_text="empty_caption"` there are no null tokens: dropped rows get the empty caption's
+    CLIP outputs (`NullCaption`) before projection, as Karlo and diffusers' unCLIP do.
+    `embed_scale` multiplies the text embedding (default sqrt(D): unit-norm CLIP embeddings
+    then have unit-variance entries; 1 for raw CLIP embeddings).
     """
 
-    def __init__(self, embed_dim: int, text_width: int, max_text_len: int, dim: int, use_text_encodings: bool) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        text_width: int,
+        max_text_len: int,
+        dim: int,
+        use_text_encodings: bool,
+        *,
+        embed_scale: Optional[float] = None,
+        null_text: NullText = "learned",
+    ) -> None:
         super().__init__()
         self.use_text_encodings = use_text_encodings
-        # CLIP embeddings are unit-norm: sqrt(D) gives their entries unit variance.
-        self.embed_scale = math.sqrt(embed_dim)
+        self.null_text = null_text
+        self.embed_scale = math.sqrt(embed_dim) if embed_scale is None else float(embed_scale)
         self.text_embed_proj = nn.Linear(embed_dim, dim)
-        self.null_embed_token = nn.Parameter(torch.randn(dim) * 0.02)
+        learned = null_text == "learned"
+        if learned:
+            self.null_embed_token = nn.Parameter(torch.randn(dim) * 0.02)
+        else:
+            self.null_caption = NullCaption(embed_dim, text_width, max_text_len)
         if use_text_encodings:
             self.text_proj = nn.Linear(text_width, dim)
             self.text_pos = nn.Parameter(torch.randn(max_text_len, dim) * 0.02)
-            self.null_text_token = nn.Parameter(torch.randn(dim) * 0.02)
+            if learned:
+                self.null_text_token = nn.Parameter(torch.randn(dim) * 0.02)
 
     def forward(
         self,
@@ -70,6 +173,8 @@ class TextConditioning(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Returns `(tokens [B, L, dim], keep [B, L] bool, embed_token [B, dim])`; L = 0 without
         text encodings. `drop_*`: `[B]` bool, True where the null token replaces the input."""
+        if self.null_text == "empty_caption":
+            return self._with_empty_caption(text_embed, text_encodings, text_mask, drop_encodings, drop_embed)
         dtype = self.text_embed_proj.weight.dtype
         batch = text_embed.shape[0]
         embed_token = self.text_embed_proj(text_embed.to(dtype) * self.embed_scale)
@@ -84,6 +189,17 @@ class TextConditioning(nn.Module):
         tokens = torch.where(drop_encodings[:, None, None], self.null_text_token.to(dtype), tokens)
         keep = torch.where(drop_encodings[:, None], null_keep, keep)
         return tokens + self.text_pos[:length].to(dtype), keep, embed_token
+
+    def _with_empty_caption(self, text_embed, text_encodings, text_mask, drop_encodings, drop_embed):
+        dtype = self.text_embed_proj.weight.dtype
+        text_embed, _, _ = self.null_caption.substitute(drop_embed, text_embed, None, None)
+        embed_token = self.text_embed_proj(text_embed.to(dtype) * self.embed_scale)
+        if not self.use_text_encodings:
+            empty = embed_token.new_zeros(embed_token.shape[0], 0, embed_token.shape[-1])
+            return empty, torch.ones(empty.shape[:2], dtype=torch.bool, device=empty.device), embed_token
+        _, text_encodings, keep = self.null_caption.substitute(drop_encodings, None, text_encodings, text_mask)
+        tokens = self.text_proj(text_encodings.to(dtype))
+        return tokens + self.text_pos[: tokens.shape[1]].to(dtype), keep, embed_token
 
 
 def resolve_cond_drop(

@@ -49,12 +49,12 @@ def attention_mask(keep: Tensor, num_queries: int) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0, qkv_bias: bool = False) -> None:
         super().__init__()
         self.heads = heads
         self.dropout = dropout
         inner = heads * dim_head
-        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
         self.to_out = nn.Linear(inner, dim)
 
     def forward(
@@ -68,9 +68,11 @@ class Attention(nn.Module):
             q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         else:
             # the same projection, split: queries for the last n tokens, keys/values for all
-            w_q, w_kv = self.to_qkv.weight.split([self.to_qkv.out_features // 3, 2 * self.to_qkv.out_features // 3])
-            q = rearrange(F.linear(x[:, -queries:], w_q), "b n (h d) -> b h n d", h=self.heads)
-            k, v = rearrange(F.linear(x, w_kv), "b n (two h d) -> two b h n d", two=2, h=self.heads)
+            sizes = [self.to_qkv.out_features // 3, 2 * self.to_qkv.out_features // 3]
+            w_q, w_kv = self.to_qkv.weight.split(sizes)
+            b_q, b_kv = self.to_qkv.bias.split(sizes) if self.to_qkv.bias is not None else (None, None)
+            q = rearrange(F.linear(x[:, -queries:], w_q, b_q), "b n (h d) -> b h n d", h=self.heads)
+            k, v = rearrange(F.linear(x, w_kv, b_kv), "b n (two h d) -> two b h n d", two=2, h=self.heads)
         if cache is not None:
             if cache.keys[layer] is not None:
                 k = torch.cat([cache.keys[layer], k], dim=2)
@@ -90,10 +92,10 @@ class FeedForward(nn.Sequential):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: int, dropout: float) -> None:
+    def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: int, dropout: float, qkv_bias: bool = False) -> None:
         super().__init__()
         self.norm_attn = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dim_head, dropout)
+        self.attn = Attention(dim, heads, dim_head, dropout, qkv_bias)
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, ff_mult, dropout)
 
@@ -110,11 +112,11 @@ class CausalTransformer(nn.Module):
     """`depth` pre-LN blocks and a final LayerNorm over `[batch, tokens, dim]`."""
 
     def __init__(
-        self, dim: int, depth: int, heads: int, dim_head: int, ff_mult: int = 4, dropout: float = 0.0
+        self, dim: int, depth: int, heads: int, dim_head: int, ff_mult: int = 4, dropout: float = 0.0, qkv_bias: bool = False
     ) -> None:
         super().__init__()
         self.depth = depth
-        self.blocks = nn.ModuleList(Block(dim, heads, dim_head, ff_mult, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, dim_head, ff_mult, dropout, qkv_bias) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
     def forward(

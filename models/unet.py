@@ -40,6 +40,9 @@ class UNetConfig:
     # Attention layers (self-attention plus the context tokens) after each residual block at an
     # attention resolution; ADM/GLIDE use 1.
     num_context_layers_per_block: NonNegativeInt = 1
+    # ADM's use_scale_shift_norm: the embedding scales and shifts the second GroupNorm's
+    # output; false: it is added before that norm (DDPM's way; Karlo's super-resolution UNets).
+    scale_shift_norm: bool = True
 
     def __post_init__(self) -> None:
         if not self.channel_mults:
@@ -105,8 +108,9 @@ def upsample_conv3x3(h: Tensor, conv: nn.Conv2d) -> Tensor:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, the second norm modulated by `emb` (scale-shift); optional
-    2x resampling of both branches before the first conv (BigGAN/ADM `resblock_updown`)."""
+    """GroupNorm-SiLU-conv twice, the second norm modulated by `emb` (scale-shift, or `emb`
+    added before it); optional 2x resampling of both branches before the first conv
+    (BigGAN/ADM `resblock_updown`)."""
 
     def __init__(
         self,
@@ -116,12 +120,14 @@ class ResBlock(nn.Module):
         groups: int,
         dropout: float,
         resample: Optional[Literal["up", "down"]] = None,
+        scale_shift: bool = True,
     ) -> None:
         super().__init__()
         self.resample = resample
+        self.scale_shift = scale_shift
         self.norm_in = _norm(groups, in_channels)
         self.conv_in = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, 2 * out_channels)
+        self.emb_proj = nn.Linear(emb_dim, (2 if scale_shift else 1) * out_channels)
         self.norm_out = _norm(groups, out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv_out = _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
@@ -139,8 +145,11 @@ class ResBlock(nn.Module):
         h = F.silu(self.norm_in(x))
         h = upsample_conv3x3(h, self.conv_in) if self.resample == "up" else self.conv_in(self._resample(h))
         x = self._resample(x)
-        scale, shift = rearrange(self.emb_proj(emb), "b (two c) -> two b c 1 1", two=2)
-        h = torch.addcmul(shift, self.norm_out(h), 1 + scale)
+        if self.scale_shift:
+            scale, shift = rearrange(self.emb_proj(emb), "b (two c) -> two b c 1 1", two=2)
+            h = torch.addcmul(shift, self.norm_out(h), 1 + scale)
+        else:
+            h = self.norm_out(h + rearrange(self.emb_proj(emb), "b c -> b c 1 1"))
         h = self.conv_out(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -199,7 +208,7 @@ class UNet(nn.Module):
     """Noise-prediction UNet `[batch, in_channels, H, W] -> [batch, out_channels, H, W]`.
 
     Conditioning hooks: the timestep `t`; `cond` `[batch, cond_dim]` projected and added to the
-    timestep embedding; `context` tokens `[batch, n, context_dim]` attended to by every
+    timestep embedding (`cond_emb` `[batch, 4 * base_channels]`: added as it is); `context` tokens `[batch, n, context_dim]` attended to by every
     attention layer; `extra` channels (e.g. an upsampled low-res image) concatenated to `x`.
     `image_size` is the side length at which `cfg.attention_resolutions` are measured; the
     network itself runs at any size divisible by `2 ** (len(channel_mults) - 1)`.
@@ -235,7 +244,7 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(in_channels + extra_in_channels, base, 3, padding=1)
 
         def res(cin: int, cout: int, resample: Optional[Literal["up", "down"]] = None) -> ResBlock:
-            return ResBlock(cin, cout, emb_dim, cfg.norm_groups, cfg.dropout, resample)
+            return ResBlock(cin, cout, emb_dim, cfg.norm_groups, cfg.dropout, resample, cfg.scale_shift_norm)
 
         def block(cin: int, cout: int, resolution: int) -> UNetBlock:
             n_attn = cfg.num_context_layers_per_block if resolution in cfg.attention_resolutions else 0
@@ -305,8 +314,10 @@ class UNet(nn.Module):
         context: Optional[Tensor] = None,
         context_mask: Optional[Tensor] = None,
         extra: Optional[Tensor] = None,
+        cond_emb: Optional[Tensor] = None,
     ) -> Tensor:
         """`x`: `[batch, in_channels, H, W]`; `t`: `[batch]` timesteps; `cond`: `[batch, cond_dim]`;
+        `cond_emb`: `[batch, 4 * base_channels]`, an already projected embedding to add;
         `context`: `[batch, n, context_dim]` with `context_mask` `[batch, n]` bool (True = real
         token; default all real); `extra`: `[batch, extra_in_channels, H, W]`.
         Returns `[batch, out_channels, H, W]`."""
@@ -318,6 +329,8 @@ class UNet(nn.Module):
         emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels).to(dtype))
         if cond is not None:
             emb = emb + self.cond_proj(cond.to(dtype))
+        if cond_emb is not None:
+            emb = emb + cond_emb.to(dtype)
         emb = F.silu(emb)  # every ResBlock's projection starts with SiLU; do it once
         if context is not None:
             context = context.to(dtype)

@@ -247,6 +247,37 @@ def read_export(path: Path, where: Optional[str] = None) -> StageWeights:
     return StageWeights(info["stage"], int(info["step"]), info["config"], load_file(str(path)), where)
 
 
+@dataclasses.dataclass
+class StageShapes:
+    """What `read_weights` would return, without the tensors: their shapes."""
+
+    stage: str
+    step: int
+    config: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]
+    source: str
+
+
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def read_shapes(path: Path) -> StageShapes:
+    """The stage, config and tensor shapes of an export file or of a run's (or checkpoint's)
+    latest complete checkpoint, reading headers only (cheap at any model size)."""
+    path = Path(path)
+    if path.is_file():
+        info = read_export_info(path)
+        return StageShapes(info["stage"], int(info["step"]), info["config"], _file_shapes(path), str(path))
+    if path.is_dir():
+        step_dir = resolve_checkpoint(path)
+        meta = read_meta(step_dir)
+        shapes = {k: tuple(v) for k, v in meta["param_shapes"].items()}
+        return StageShapes(meta["stage"], int(meta["step"]), meta["config"], {**_file_shapes(step_dir / BUFFERS), **shapes}, str(step_dir))
+    raise WeightsError(f"{path} is neither an exported weights file nor a run directory")
+
+
 def read_weights(path: PathOrURL) -> StageWeights:
     """An export file (a path or a URL), or the EMA of a run directory / checkpoint directory."""
     local = _local_path(path)

@@ -7,7 +7,7 @@ import pytest
 
 from launch.cli import build_parser, main
 
-COMMANDS = ["demo", "shards", "precompute", "train", "sample", "export", "launch"]
+COMMANDS = ["demo", "shards", "precompute", "train", "sample", "export", "import", "launch"]
 
 
 def test_help_lists_every_command():
@@ -51,3 +51,9 @@ def test_parser_accepts_the_documented_forms():
     assert args.interpolate == ["x.png", "y.png"] and len(args.weights) == 2
     args = parser.parse_args(["launch", "--config", "c.yaml", "--nnodes", "2", "--node-rank", "1", "--master-addr", "h"])
     assert args.nnodes == 2 and args.node_rank == 1
+    args = parser.parse_args(["import", "--from", "diffusers", "karlo-v1", "--out", "w"])
+    assert (args.source_format, args.folder, args.out) == ("diffusers", "karlo-v1", "w")
+    args = parser.parse_args(["export", "runs/prior", "runs/decoder", "--out", "o", "--format", "diffusers"])
+    assert args.export_format == "diffusers" and args.run_dirs == ["runs/prior", "runs/decoder"]
+    args = parser.parse_args(["train", "--config", "c.yaml", "--init-from", "w/decoder.safetensors"])
+    assert args.init_from == "w/decoder.safetensors"

@@ -143,7 +143,7 @@ def test_rank_discovery_rejects_inconsistent_variables():
 
 
 TRAINING_CONFIGS = sorted(
-    str(p) for folder in ("configs/demo", "configs/paper") for p in __import__("pathlib").Path(folder).glob("*.yaml")
+    str(p) for folder in ("configs/demo", "configs/paper", "configs/karlo") for p in __import__("pathlib").Path(folder).glob("*.yaml")
     if "precompute" not in p.name
 )
 

@@ -168,7 +168,7 @@ def test_a_prior_asking_for_the_embedding_statistics_is_scaled_by_them(dataset, 
     assert resolved.model.image_embed_scale == pytest.approx(64 / sum(std))
     from models.prior import DiffusionPrior
 
-    assert DiffusionPrior(resolved.model).scale == pytest.approx(64 / sum(std))
+    assert DiffusionPrior(resolved.model).embedding_space.scale == pytest.approx(64 / sum(std))
     emb = tmp_path / "emb"
     shutil.copytree(root / "emb", emb)
     os.remove(emb / "stats.json")

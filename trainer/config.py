@@ -90,6 +90,10 @@ class TrainJob:
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    # A fresh run's initial weights: an `unclip export` file (e.g. from `unclip import`) or a
+    # run directory (its latest checkpoint's EMA). Ignored once the run has a checkpoint of
+    # its own, which it resumes from (`trainer/init_from.py`).
+    init_from: Optional[str] = None
 
 
 @functools.cache

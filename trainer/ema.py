@@ -37,7 +37,11 @@ class ShardedEMA:
     def __init__(self, module: nn.Module, decay: float, rank: int, world_size: int) -> None:
         self.decay = decay
         self.rank, self.world_size = rank, world_size
-        self.params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+        # Every parameter: a frozen one (e.g. Karlo's last-step super-resolution UNet) is its
+        # own average, and the checkpoints' EMA is what export and sampling load. Only the
+        # trained ones are updated.
+        self.params = dict(module.named_parameters())
+        self.trained = [name for name, p in self.params.items() if p.requires_grad]
         self.shapes = {name: full_shape(p) for name, p in self.params.items()}
         self.shadow = {name: _local_view(p, rank, world_size) for name, p in self.params.items()}
 
@@ -49,8 +53,8 @@ class ShardedEMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         d = self.decay_at(step)
-        for name, p in self.params.items():
-            self.shadow[name].mul_(d).add_(_local_view(p, self.rank, self.world_size), alpha=1 - d)
+        for name in self.trained:
+            self.shadow[name].mul_(d).add_(_local_view(self.params[name], self.rank, self.world_size), alpha=1 - d)
 
     def state_dict(self) -> dict[str, Tensor]:
         """This rank's slices, on CPU."""

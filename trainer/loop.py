@@ -34,6 +34,7 @@ from trainer.ema import ShardedEMA
 from trainer.engine import StageModule, build_engine, count_parameters, resolve_precision, set_lr, skipped_steps
 from trainer.faults import Faults
 from trainer.flops import counted
+from trainer.init_from import load_init_from
 from trainer.lr import lr_at
 from trainer.metrics import Metrics
 from trainer.samples import grid_path, keep_for_sampling, write_grid
@@ -157,9 +158,13 @@ class Trainer:
 
         rng.seed_everything(job.train.seed)  # identical initial weights on every rank
         model = self.spec.build(job, activation_checkpointing=job.deepspeed.activation_checkpointing)
+        if meta is None and job.init_from is not None:  # every rank loads, before ZeRO partitions
+            self._say(load_init_from(job, model))
+        elif job.init_from is not None:
+            self._say(f"init_from {job.init_from} ignored: resuming from the run's own checkpoint {resume_dir}")
         self.module = StageModule(self.spec, model, StageContext(self.rank, self.world_size))
         self.loader = open_loader(job, self.spec, self.rank, self.world_size)
-        if meta is None:
+        if meta is None and job.init_from is None:  # initial weights bring their prepared buffers
             self._prepare(model)
         self.engine, self.ds_config = build_engine(self.module, job, self.world_size, self.device, load_universal=universal)
         self.optimizer_guard = self.engine.client_optimizer if hasattr(self.engine, "client_optimizer") else None

@@ -29,10 +29,11 @@ GiB = 1024**3
 
 @dataclasses.dataclass(frozen=True)
 class ModelSize:
-    params: int
+    params: int  # trained
     largest_layer: int
     activations_bytes: Optional[int]  # per micro-batch, per GPU; None if it could not be measured
     note: str = ""
+    frozen: int = 0  # parameters held (weights, EMA) but not trained: no gradients, no optimizer state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +58,11 @@ def bytes_per_param(precision: str) -> tuple[int, int, int]:
 
 def zero_plan(size: ModelSize, zero_stage: int, gpus: int, precision: str) -> StagePlan:
     w, g, o = bytes_per_param(precision)
-    p = size.params
-    params = p * w / gpus + 2 * w * size.largest_layer if zero_stage == 3 else p * w
+    p, held = size.params, size.params + size.frozen
+    params = held * w / gpus + 2 * w * size.largest_layer if zero_stage == 3 else held * w
     grads = p * g / gpus if zero_stage >= 2 else p * g
     optimizer = p * o / gpus if zero_stage >= 1 else p * o
-    ema = 4 * p / gpus
+    ema = 4 * held / gpus
     return StagePlan(
         zero_stage, params, grads, optimizer, ema, size.activations_bytes, _deepspeed_estimate(size, zero_stage, gpus)
     )
@@ -91,9 +92,10 @@ def measure(job: TrainJob) -> ModelSize:
     with torch.device("meta"):
         model = spec.build(job)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
     activations, note = _activations(model, job, spec)
-    return ModelSize(params, largest, activations, note)
+    return ModelSize(params, largest, activations, note, frozen)
 
 
 def _activations(model: nn.Module, job: TrainJob, spec: StageSpec) -> tuple[Optional[int], str]:
@@ -149,7 +151,9 @@ def format_plan(job: TrainJob, size: ModelSize, gpus: int, nodes: int, gpu_memor
 
     precision = resolve_precision(job.deepspeed.precision, "cuda")
     lines = [
-        f"{job.stage} job {job.name!r}: {size.params:,} parameters (largest layer {size.largest_layer:,}), "
+        f"{job.stage} job {job.name!r}: {size.params:,} parameters"
+        + (f" trained + {size.frozen:,} frozen" if size.frozen else "")
+        + f" (largest layer {size.largest_layer:,}), "
         f"{precision}, micro-batch {job.train.micro_batch_size} per GPU, {gpus} GPU(s) on {nodes} node(s)",
         "per-GPU memory in GiB:",
         f"{'ZeRO':>4} {'weights':>9} {'grads':>9} {'optimizer':>10} {'EMA':>7} {'activations':>12} {'total':>9} "

@@ -1,7 +1,8 @@
 """The decoder stage: CLIP image embedding (+ caption) -> image (unCLIP sec. 2.1).
 
 It learns from images with their precomputed CLIP image embeddings and, unless
-`model.use_text_encodings` is false, the caption's per-token CLIP text encodings. Its sample
+`model.use_text_encodings` is false, the caption's per-token CLIP text encodings; with
+`model.use_text_embed` (Karlo's decoder) also the caption's CLIP text embedding. Its sample
 grid decodes the embeddings of real images: the first row shows those images, the second
 what the decoder makes of their embeddings.
 """
@@ -19,6 +20,7 @@ from models.clip import ClipConfig, ClipExpectation
 from models.config import config_dataclass
 from models.decoder import Decoder, DecoderConfig
 from models.stages import Batch, StageContext, StageSpec
+from models.stages._clip_outputs import embedding_convention, in_order, set_null_caption
 from models.stages._text import text_conditions
 
 
@@ -28,6 +30,11 @@ class DecoderStageConfig:
     model: DecoderConfig = Field(default_factory=DecoderConfig)
     clip: ClipConfig = Field(default_factory=ClipConfig)  # the CLIP whose embeddings it decodes
 
+    def __post_init__(self) -> None:
+        problem = embedding_convention(self)
+        if problem:
+            raise ValueError(problem)
+
 
 def build(cfg: DecoderStageConfig, *, activation_checkpointing: bool = False) -> nn.Module:
     model = cfg.model
@@ -36,13 +43,20 @@ def build(cfg: DecoderStageConfig, *, activation_checkpointing: bool = False) ->
     return Decoder(model)
 
 
+def _conditions(batch: Batch) -> dict[str, Optional[Tensor]]:
+    """The caption's conditions the batch carries: encodings and mask, and `text_embed`
+    (present when the decoder reads it)."""
+    return {**text_conditions(batch), "text_embed": batch.get("text_embed")}
+
+
 def loss(model: nn.Module, batch: Batch, generator: Optional[torch.Generator], ctx: StageContext) -> Tensor:
-    return model.loss(batch["image"], batch["image_embed"], **text_conditions(batch), generator=generator)
+    return model.loss(batch["image"], batch["image_embed"], **_conditions(batch), generator=generator)
 
 
 def fields(cfg: DecoderStageConfig) -> frozenset[str]:
     text = {"text_encodings", "text_mask"} if cfg.model.use_text_encodings else set()
-    return frozenset({"image", "image_embed", *text})
+    embed = {"text_embed"} if cfg.model.use_text_embed else set()
+    return frozenset({"image", "image_embed", *text, *embed})
 
 
 def field_shapes(cfg: DecoderStageConfig) -> dict[str, tuple[int, ...]]:
@@ -50,6 +64,7 @@ def field_shapes(cfg: DecoderStageConfig) -> dict[str, tuple[int, ...]]:
     return {
         "image": (m.channels, m.image_size, m.image_size),
         "image_embed": (m.image_embed_dim,),
+        "text_embed": (m.image_embed_dim,),
         "text_encodings": (m.max_text_len, m.text_width),
         "text_mask": (m.max_text_len,),
     }
@@ -68,11 +83,18 @@ def embeddings(cfg: DecoderStageConfig) -> ClipExpectation:
 
 def sample_grid(model: nn.Module, batch: Batch, generator: torch.Generator) -> list[Tensor]:
     """The real images, then the decoder's samples from their CLIP image embeddings."""
-    samples = model.sample(batch["image_embed"], **text_conditions(batch), generator=generator)
+    samples = model.sample(batch["image_embed"], **_conditions(batch), generator=generator)
     return [batch["image"], samples]
+
+
+def preparation(cfg: DecoderStageConfig):
+    """With `null_text: empty_caption`, the empty caption's CLIP outputs (Karlo's null text)."""
+    if cfg.model.null_text != "empty_caption":
+        return None
+    return in_order([set_null_caption(cfg.clip, lambda model: model.null_caption)])
 
 
 SPEC = StageSpec(
     name="decoder", config=DecoderStageConfig, build=build, loss=loss, fields=fields, field_shapes=field_shapes,
-    role="decoder", sample_grid=sample_grid, embeddings=embeddings,
+    role="decoder", sample_grid=sample_grid, embeddings=embeddings, preparation=preparation,
 )

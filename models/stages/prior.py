@@ -19,6 +19,7 @@ from models.clip import ClipConfig, ClipExpectation
 from models.config import config_dataclass
 from models.prior import ARPrior, ARPriorConfig, DiffusionPrior, DiffusionPriorConfig
 from models.stages import Batch, StageContext, StageSpec
+from models.stages._clip_outputs import embedding_convention, fit_clip_statistics, in_order, set_null_caption
 from models.stages._text import text_conditions
 
 log = logging.getLogger("unclip.stages")
@@ -47,6 +48,11 @@ class PriorStageConfig:
     stage: Literal["prior"] = "prior"
     model: PriorModelConfig = Field(default_factory=DiffusionPriorConfig)
     clip: ClipConfig = Field(default_factory=ClipConfig)  # the CLIP whose embeddings it learns
+
+    def __post_init__(self) -> None:
+        problem = embedding_convention(self)
+        if problem:
+            raise ValueError(problem)
 
 
 def build(cfg: PriorStageConfig, *, activation_checkpointing: bool = False) -> nn.Module:
@@ -97,7 +103,16 @@ def fit_pca(model: nn.Module, batches: Iterator[Batch]) -> None:
 
 
 def preparation(cfg: PriorStageConfig):
-    return fit_pca if cfg.model.kind == "autoregressive" else None
+    """The autoregressive prior's PCA fit; for the diffusion prior in Karlo's conventions, the
+    raw embeddings' statistics and the empty caption's CLIP outputs."""
+    if cfg.model.kind == "autoregressive":
+        return fit_pca
+    steps = []
+    if cfg.model.clip_embeddings == "raw":
+        steps.append(fit_clip_statistics)
+    if cfg.model.null_text == "empty_caption":
+        steps.append(set_null_caption(cfg.clip, lambda model: model.text.null_caption))
+    return in_order(steps)
 
 
 SPEC = StageSpec(
