@@ -283,7 +283,8 @@ class GaussianDiffusion(FullPrecisionBuffers):
         }
         null_cond = torch.arange(2 * batch, device=x_t.device) >= batch
         out = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), null_cond=null_cond, **doubled)
-        conditional, unconditional = out.chunk(2)
+        # combined in float32: under bf16 autocast the extrapolation would lose the difference
+        conditional, unconditional = out.to(torch.promote_types(out.dtype, torch.float32)).chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)
 
     @staticmethod
