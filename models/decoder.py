@@ -306,11 +306,12 @@ class Decoder(nn.Module):
     ) -> Tensor:
         """DDIM inversion (Dhariwal & Nichol 2021, appendix F; unCLIP sec. 3): the x_T
         `[batch, channels, image_size, image_size]` from which DDIM with eta 0 over the same
-        `steps` (and guidance) decodes approximately `images` (in [-1, 1], at image_size).
-        Runs the deterministic DDIM update backwards, from t = 0 up to t = T - 1, with each
-        step's prediction made at the level it starts from."""
+        `steps` decodes approximately `images` (in [-1, 1], at image_size). Unguided unless
+        `guidance_scale` is given (not the configured sampling guidance: the unguided DDIM map
+        is the one that reconstructs the image). Runs the deterministic DDIM update backwards,
+        from t = 0 up to t = T - 1, with each step's prediction made at the level it starts from."""
         _check_images(images, self.cfg.channels, self.cfg.image_size, "Decoder.invert: images")
-        opts = _sample_kwargs(self.cfg.diffusion, steps, None, None, guidance_scale)
+        opts = _sample_kwargs(self.cfg.diffusion, steps, None, None, 1.0 if guidance_scale is None else guidance_scale)
         cond = {"image_embed": image_embed}
         if text_encodings is not None:
             cond.update(text_encodings=text_encodings, text_mask=text_mask)
