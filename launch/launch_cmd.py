@@ -20,7 +20,7 @@ from typing import Any
 
 from launch.cli import EXIT_OK, EXIT_RUNTIME
 from launch.launchers import hostfile_command, read_hostfile, run_local, shell_join, torchrun_command, worker_args
-from launch.train_cmd import load_train_job, prepare_run_dir
+from launch.train_cmd import check_embedding_widths, load_train_job, prepare_run_dir
 from models.config import ConfigError
 
 
@@ -31,6 +31,7 @@ def main(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or Path("runs") / job.name)
     config = run_dir / "config.yaml"
     if not args.dry_run:
+        check_embedding_widths(job)
         config = prepare_run_dir(job, run_dir, resume=True)
     worker = worker_args(config, run_dir)
     if args.slurm:
