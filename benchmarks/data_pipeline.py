@@ -30,12 +30,13 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipeline.config import DataConfig, PrecomputeConfig, SourceConfig  # noqa: E402
-from data_pipeline.decode import decode_image, open_image, resize_center_crop  # noqa: E402
+from data_pipeline.decode import decode_image, open_image  # noqa: E402
 from data_pipeline.precompute import run_precompute  # noqa: E402
 from data_pipeline.shapes import generate  # noqa: E402
 from data_pipeline.stream import build_loader  # noqa: E402
 from data_pipeline.tario import TarWriter  # noqa: E402
 from models.clip import ClipConfig, load_clip  # noqa: E402
+from models.images import resize_center_crop  # noqa: E402
 
 
 def make_images(count: int, size: int) -> list[tuple[str, bytes, str]]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.images import from_uint8
+from models.images import from_uint8, resize_center_crop
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt",)
@@ -83,20 +83,6 @@ def open_image(data: Optional[bytes], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
         raise Skip("image_too_large") from None
     except Exception as err:  # noqa: BLE001 - PIL raises many types on corrupt data
         raise Skip("undecodable_image", type(err).__name__) from None
-    return img
-
-
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size` (bicubic; `reducing_gap` box-reduces big downscales
-    first, which is fast and alias-free) and center-crop to `size`x`size`."""
-    width, height = img.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    if (new_w, new_h) != (size, size):
-        img = img.crop((left, top, left + size, top + size))
     return img
 
 

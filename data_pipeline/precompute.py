@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.config import PrecomputeConfig
-from data_pipeline.decode import Skip, decode_caption, find_image, image_to_uint8, open_image, resize_center_crop
+from data_pipeline.decode import Skip, decode_caption, find_image, image_to_uint8, open_image
 from data_pipeline.embed_stats import EmbedStats, shard_stats_bytes, shard_stats_from_bytes, write_stats
 from data_pipeline.embeddings import SHARD_INDEX, EmbeddingManifest, embedding_fields, embedding_shard_url, read_manifest, write_manifest
 from data_pipeline.io import (atomic_write, exists, expand_urls, join_url, list_dir, makedirs, mask_url, read_bytes, remove,
@@ -37,7 +37,7 @@ from data_pipeline.stats import SkipCounter
 from data_pipeline.stream import keep_batch
 from data_pipeline.tario import TarWriter, iter_tar
 from models.clip import ClipAdapter, load_clip_from_config
-from models.images import from_uint8
+from models.images import from_uint8, resize_center_crop  # the crop policy sampling inputs follow too
 
 log = logging.getLogger(__name__)
 

@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="text->image, variations, interpolation, text diffs")
     p.add_argument("--weights", nargs="+", required=True, metavar="PATH",
-                   help="exported weights (paths or URLs: s3://...) or run dirs")
+                   help="exported weights (paths or URLs: s3://...), run directories, or a folder of them "
+                        "(the demo's output folder, a run root)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", metavar="TEXT")
     mode.add_argument("--prompts", metavar="FILE", help="one prompt per line")
@@ -120,12 +121,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_text", metavar="TEXT", help="with --text-diff")
     p.add_argument("--to", dest="to_text", metavar="TEXT", help="with --text-diff")
     p.add_argument("--frames", type=int, default=8, help="with --interpolate")
-    p.add_argument("-n", type=int, default=1, help="images per prompt")
-    p.add_argument("--guidance", type=float, help="decoder guidance scale")
-    p.add_argument("--steps", type=int, help="decoder sampling steps (default: its config's)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], help="decoder sampler (default: its config's)")
+    p.add_argument("-n", type=int, default=1, help="images per prompt (variations per image)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, metavar="DIR")
+    where = p.add_argument_group("where it runs")
+    where.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    where.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                       help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    where.add_argument("--clip", metavar="NAME", help="a pretrained open_clip model instead of a clip stage's weights")
+    where.add_argument("--clip-pretrained", metavar="TAG|FILE", help="with --clip: an open_clip tag or a local weights file")
+    prior = p.add_argument_group("prior (text->image; unset: its config)")
+    prior.add_argument("--prior-guidance", type=float, metavar="G", help="classifier-free guidance scale")
+    prior.add_argument("--prior-steps", type=int, metavar="N", help="diffusion prior: sampling steps")
+    prior.add_argument("--prior-sampler", choices=["ddim", "ddpm"], help="diffusion prior: sampler")
+    prior.add_argument("--temperature", type=float, metavar="T", help="autoregressive prior: 0 is greedy")
+    prior.add_argument("--top-k", type=int, metavar="K", help="autoregressive prior: sample from the K likeliest codes")
+    decoder = p.add_argument_group("decoder and upsamplers (unset: their configs)")
+    decoder.add_argument("--guidance", type=float, metavar="G", help="decoder classifier-free guidance scale")
+    decoder.add_argument("--steps", type=int, metavar="N", help="decoder sampling steps")
+    decoder.add_argument("--sampler", choices=["ddim", "ddpm"], help="decoder sampler")
+    decoder.add_argument("--upsampler-steps", type=int, nargs="+", metavar="N", help="one for all, or one per upsampler")
+    decoder.add_argument("--upsampler-noise-level", type=float, nargs="+", metavar="L",
+                         help="noise augmentation level of the low-res input, 0..1 (upsamplers trained with noise_aug)")
 
     p = sub.add_parser("export", help="consolidated EMA weights of runs (safetensors), or a diffusers unCLIP folder")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from launch.cli import EXIT_OK, EXIT_RUNTIME
 from launch.launchers import hostfile_command, read_hostfile, run_local, shell_join, torchrun_command, worker_args
-from launch.train_cmd import load_train_job, prepare_run_dir
+from launch.train_cmd import load_train_job, preflight, prepare_run_dir
 from launch.url_checks import check_data_sources, check_run_dir
 from models.config import ConfigError
 from trainer.distributed import choose_socket_interface
@@ -38,17 +38,15 @@ def main(args: argparse.Namespace) -> int:
     if args.hostfile and args.nproc is not None:
         raise ConfigError("--nproc with --hostfile: the hostfile's slots=N set the ranks per host")
     spec = _slurm_spec(job, args) if args.slurm else None  # bad SLURM options fail before any work
+    hosts = _hosts(args) if args.hostfile else None
     config = run_dir / "config.yaml"
     if not args.dry_run:
+        preflight(args.config, job, world_size=_world_size(args, spec, hosts))
         config = prepare_run_dir(job, run_dir, resume=True)
     worker = worker_args(config, run_dir)
     if spec is not None:
         return _slurm(spec, args, config, run_dir)
     if args.hostfile:
-        try:
-            read_hostfile(Path(args.hostfile))
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"--hostfile: {err}") from None
         cmd = hostfile_command(worker, Path(args.hostfile), master_port=args.master_port, master_addr=args.master_addr)
         return _run(cmd, args.dry_run, what="the DeepSpeed launcher")
     if args.nnodes is not None:
@@ -64,6 +62,22 @@ def main(args: argparse.Namespace) -> int:
         print(f"{nproc} local rank(s) of: {shell_join([sys.executable, '-m', 'launch.worker', *worker])}")
         return EXIT_OK
     return EXIT_OK if run_local(worker, nproc) == 0 else EXIT_RUNTIME
+
+
+def _hosts(args: argparse.Namespace) -> list[tuple[str, int]]:
+    try:
+        return read_hostfile(Path(args.hostfile))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--hostfile: {err}") from None
+
+
+def _world_size(args: argparse.Namespace, spec: Any, hosts: Optional[list[tuple[str, int]]]) -> int:
+    """The ranks the job will run on, for the preflight's shards-per-rank check."""
+    if hosts is not None:
+        return sum(slots for _, slots in hosts)
+    if spec is not None:
+        return spec.nodes * (spec.gpus_per_node or spec.ranks_per_node or 1)
+    return (args.nnodes or 1) * (args.nproc or (_local_devices() if args.nnodes else 1))
 
 
 def _local_devices() -> int:

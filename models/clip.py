@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import config_dataclass
+from models.images import resize_center_crop_tensor
 
 
 @config_dataclass
@@ -47,6 +48,9 @@ class ClipConfig:
 #   caption (at most 9 with the start and end tokens) at half the prior's sequence;
 # - `unclip-tiny-77`: the tiny towers with 77 tokens like every published CLIP, to test
 #   context-length handling.
+# - `unclip-tiny-vit-h-14`: ViT-H-14's interface (1024-d embeddings, text width 1024, 77
+#   tokens, 224 px input) on one-layer towers, so that the paper configs' chain runs in CI
+#   (tests/test_paper_chain.py); the real ViT-H-14 at random init takes minutes per image on 2 CPU cores.
 TINY_CONFIGS = Path(__file__).resolve().parent / "clip_configs"
 
 
@@ -175,16 +179,14 @@ class ClipAdapter(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Encode images [batch, 3, H, W] in [-1, 1]: unit-norm `image_embed` [batch, D].
 
-        Images of another size are resized (bicubic, antialiased) to `image_size`; CLIP's
-        mean/std normalisation is applied here, so callers never see it.
+        Images of another size go through the project's one crop policy to `image_size`
+        (`models.images.resize_center_crop_tensor`: shorter side scaled, centre square, as the
+        precompute's); CLIP's mean/std normalisation is applied here, so callers never see it.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"encode_image expects images [batch, 3, H, W], got shape {tuple(images.shape)}")
-        x = (images.to(self.device, torch.float32) + 1) / 2
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True, align_corners=False)
-            x = x.clamp(0, 1)
-        x = (x - self._mean) / self._std
+        x = resize_center_crop_tensor(images.to(self.device, torch.float32), self.image_size)
+        x = ((x + 1) / 2 - self._mean) / self._std
         embed = self.model.encode_image(x).float()
         return F.normalize(embed, dim=-1) if self.normalize else embed
 

@@ -279,11 +279,12 @@ class Decoder(nn.Module):
     ) -> Tensor:
         """DDIM inversion (Dhariwal & Nichol 2021, appendix F; unCLIP sec. 3): the x_T
         `[batch, channels, image_size, image_size]` from which DDIM with eta 0 over the same
-        `steps` (and guidance) decodes approximately `images` (in [-1, 1], at image_size).
-        Runs the deterministic DDIM update backwards, from t = 0 up to t = T - 1, with each
-        step's prediction made at the level it starts from."""
+        `steps` decodes approximately `images` (in [-1, 1], at image_size). Unguided unless
+        `guidance_scale` is given (not the configured sampling guidance: the unguided DDIM map
+        is the one that reconstructs the image). Runs the deterministic DDIM update backwards,
+        from t = 0 up to t = T - 1, with each step's prediction made at the level it starts from."""
         check_images(images, self.cfg.channels, self.cfg.image_size, "Decoder.invert: images")
-        opts = sample_kwargs(self.cfg.diffusion, steps, None, None, guidance_scale)
+        opts = sample_kwargs(self.cfg.diffusion, steps, None, None, 1.0 if guidance_scale is None else guidance_scale)
         with eval_mode(self):
             return ddim_invert(
                 self.diffusion,

@@ -359,7 +359,8 @@ class GaussianDiffusion(FullPrecisionBuffers):
         }
         null_cond = torch.arange(2 * batch, device=x_t.device) >= batch
         out = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), null_cond=null_cond, **doubled)
-        conditional, unconditional = out.chunk(2)
+        # combined in float32: under bf16 autocast the extrapolation would lose the difference
+        conditional, unconditional = out.to(torch.promote_types(out.dtype, torch.float32)).chunk(2)
         cond_pred, v = self.split_output(conditional)
         uncond_pred, _ = self.split_output(unconditional)
         guided = uncond_pred + guidance_scale * (cond_pred - uncond_pred)

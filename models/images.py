@@ -1,8 +1,14 @@
-"""Images between tensors and pixels: the one place that converts and lays out grids.
+"""Images between tensors and pixels: the one place that converts, crops and lays out grids.
 
 Tensors are `[batch, 3, H, W]` float in [-1, 1] (what every stage reads and writes); pixels
 are uint8 `[batch, H, W, 3]` or PIL RGB images. Nothing here reads or writes files: callers
 open and save (`Image.open`, `grid(...).save(path)`).
+
+The crop policy is defined once, here, for training data and sampling inputs alike: scale the
+shorter side to the target size and cut the centred square (`resize_center_crop` on PIL images,
+used by the data loader and the CLIP precompute; `resize_center_crop_tensor` on tensors, used
+by the sampling pipeline and the CLIP adapter). Never squash: a CLIP or a decoder sees a
+sampling input exactly as it saw its training images.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
@@ -51,6 +58,38 @@ def from_uint8(images: Pixels) -> Tensor:
 def from_pil(image: Image.Image) -> Tensor:
     """A PIL image (any mode) -> float32 `[3, H, W]` in [-1, 1]."""
     return from_uint8(np.asarray(image.convert("RGB"), dtype=np.uint8))
+
+
+def crop_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """The crop policy: `(new_width, new_height, left, top)`: resize to `new_*` (shorter side
+    `size`, aspect kept), then cut the `size` x `size` square at `(left, top)`, centred."""
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    return new_w, new_h, (new_w - size) // 2, (new_h - size) // 2
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """A PIL image -> `size` x `size` by `crop_geometry` (bicubic; `reducing_gap` box-reduces
+    big downscales first, which is fast and alias-free)."""
+    new_w, new_h, left, top = crop_geometry(*img.size, size)
+    if (new_w, new_h) != img.size:
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if (new_w, new_h) != (size, size):
+        img = img.crop((left, top, left + size, top + size))
+    return img
+
+
+def resize_center_crop_tensor(images: Tensor, size: int) -> Tensor:
+    """`[batch, C, H, W]` -> `[batch, C, size, size]` by `crop_geometry` (bicubic, antialiased,
+    clamped to [-1, 1] only where it resized); unchanged when already `size` x `size`."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be [batch, channels, height, width], got shape {tuple(images.shape)}")
+    height, width = images.shape[-2:]
+    new_w, new_h, left, top = crop_geometry(width, height, size)
+    if (new_h, new_w) != (height, width):
+        images = F.interpolate(images.float(), size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+        images = images.clamp(-1, 1)
+    return images[..., top : top + size, left : left + size]
 
 
 def grid(

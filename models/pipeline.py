@@ -10,6 +10,13 @@ as in the paper's Figure 4); text diffs (move an image's embedding towards the n
 difference of two captions' text embeddings, by slerp, decoding from the image's inverted
 latent).
 
+Inversion and interpolation are deterministic maps of the embedding: DDIM with eta 0 and no
+guidance at every stage, whatever the stages are configured to sample with (a DDPM decoder
+would give different frames for the same image; inverting under guidance does not invert the
+unguided DDIM map that reconstructs the image). Input images of any size and aspect are
+cropped by the one policy of `models/images.py` (shorter side scaled, centre square), as the
+training data and the CLIP precompute were.
+
 Every application takes a `seed`: all noise comes from one `torch.Generator` on the models'
 device seeded with it, and each stage's starting noise x_T is drawn explicitly, so the same
 seed gives the same images on the same device. With `prior=None` the caption's CLIP text
@@ -30,8 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.decoder import Decoder, Upsampler
+from models.images import resize_center_crop_tensor
 
 Weight = Union[float, Sequence[float], Tensor]
+PerUpsampler = Union[None, int, float, str, Sequence[Any]]
 
 
 def slerp(a: Tensor, b: Tensor, weight: Weight) -> Tensor:
@@ -101,10 +110,7 @@ class UnCLIPPipeline:
                 )
             size = up.cfg.image_size
         self.image_size = size
-        if getattr(clip, "embed_dim", decoder.cfg.image_embed_dim) != decoder.cfg.image_embed_dim:
-            raise ValueError(
-                f"CLIP embed_dim ({clip.embed_dim}) differs from decoder.image_embed_dim ({decoder.cfg.image_embed_dim})"
-            )
+        _check_widths(clip, prior, decoder)
 
     @property
     def device(self) -> torch.device:
@@ -129,9 +135,13 @@ class UnCLIPPipeline:
 
     @torch.no_grad()
     def encode_image(self, images: Tensor) -> Tensor:
-        """Unit-norm CLIP image embeddings `[B, D]` of `images` `[B, 3, H, W]` (or `[3, H, W]`)."""
+        """Unit-norm CLIP image embeddings `[B, D]` of `images` `[B, 3, H, W]` (or `[3, H, W]`)
+        of any size, cropped to the CLIP's input square by the precompute's policy."""
         if images.ndim == 3:
             images = images[None]
+        size = getattr(self.clip, "image_size", None)
+        if size is not None:
+            images = resize_center_crop_tensor(images.to(self.device, torch.float32), int(size))
         return self.clip.encode_image(images).to(self.device)
 
     @torch.no_grad()
@@ -145,7 +155,10 @@ class UnCLIPPipeline:
         steps: Optional[int] = None,
         sampler: Optional[str] = None,
         eta: Optional[float] = None,
-        upsampler_steps: Optional[int] = None,
+        upsampler_steps: PerUpsampler = None,
+        upsampler_sampler: PerUpsampler = None,
+        upsampler_eta: PerUpsampler = None,
+        upsampler_noise_level: PerUpsampler = None,
         generator: Optional[torch.Generator] = None,
         decoder_noise: Optional[Tensor] = None,
         share_noise: bool = False,
@@ -153,13 +166,21 @@ class UnCLIPPipeline:
     ) -> Tensor:
         """Image embeddings `[B, D]` -> images `[B, 3, S, S]` in [-1, 1], S the last stage's size.
 
-        Runs the decoder, then each upsampler (with its own configured steps unless
-        `upsampler_steps` is given). `decoder_noise` fixes the decoder's x_T; `share_noise`
-        gives every row the same x_T at every stage (interpolation frames). `text_embed`
-        `[B, D]` reaches decoders that read the caption's CLIP embedding (Karlo's)."""
+        Runs the decoder (`decoder_guidance`, `steps`, `sampler`, `eta` override its configured
+        values), then each upsampler: `upsampler_*` is one value for every upsampler or one per
+        upsampler (in resolution order; None: its configured value); `upsampler_noise_level` is
+        the noise augmentation level of those trained with it. `decoder_noise` fixes the
+        decoder's x_T; `share_noise` gives every row the same noise at every stage
+        (interpolation frames). `text_embed` `[B, D]` reaches decoders that read the
+        caption's CLIP embedding (Karlo's)."""
         batch = image_embed.shape[0]
         generator = generator if generator is not None else self.generator(0)
         image_embed = image_embed.to(self.device)
+        per_up = {
+            name: per_upsampler(value, len(self.upsamplers), name)
+            for name, value in (("upsampler_steps", upsampler_steps), ("upsampler_sampler", upsampler_sampler),
+                                ("upsampler_eta", upsampler_eta), ("upsampler_noise_level", upsampler_noise_level))
+        }  # fmt: skip
 
         def start_noise(channels: int, size: int) -> Tensor:
             noise = self._noise(1 if share_noise else batch, channels, size, generator)
@@ -180,11 +201,18 @@ class UnCLIPPipeline:
             generator=generator,
             **({"text_embed": text_embed.to(self.device)} if text_embed is not None and cfg.use_text_embed else {}),
         )
-        for up in self.upsamplers:
+        for i, up in enumerate(self.upsamplers):
+            size = up.cfg.image_size
+            noise = start_noise(up.cfg.channels, size)
+            shared_aug = share_noise and getattr(up, "noise_aug", None) is not None
             images = up.sample(
                 images,
-                steps=upsampler_steps,
-                noise=start_noise(up.cfg.channels, up.cfg.image_size),
+                steps=per_up["upsampler_steps"][i],
+                sampler=per_up["upsampler_sampler"][i],
+                eta=per_up["upsampler_eta"][i],
+                noise_level=per_up["upsampler_noise_level"][i],
+                lowres_noise=start_noise(up.cfg.channels, size) if shared_aug else None,
+                noise=noise,
                 generator=generator,
             )
         return images.clamp(-1, 1)
@@ -225,25 +253,17 @@ class UnCLIPPipeline:
         )
 
     @torch.no_grad()
-    def invert(
-        self,
-        images: Tensor,
-        image_embed: Optional[Tensor] = None,
-        *,
-        decoder_guidance: Optional[float] = None,
-        steps: Optional[int] = None,
-    ) -> Tensor:
-        """The decoder's DDIM latent x_T `[B, C, s, s]` of `images` `[B, 3, H, W]` (resized to
-        the decoder's size s), conditioned on their CLIP embeddings (unCLIP sec. 3: with the
-        image embedding it forms the "bipartite latent" that DDIM eta 0 decodes back to the image)."""
+    def invert(self, images: Tensor, image_embed: Optional[Tensor] = None, *, steps: Optional[int] = None) -> Tensor:
+        """The decoder's DDIM latent x_T `[B, C, s, s]` of `images` `[B, 3, H, W]` (cropped to
+        the decoder's size s by the training data's policy), conditioned on their CLIP
+        embeddings, without guidance (unCLIP sec. 3: with the image embedding it forms the
+        "bipartite latent" that unguided DDIM eta 0 decodes back to the image)."""
         if images.ndim == 3:
             images = images[None]
         images = images.to(self.device, torch.float32)
         image_embed = self.encode_image(images) if image_embed is None else image_embed.to(self.device)
-        size = self.decoder.cfg.image_size
-        if images.shape[-2:] != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-        return self.decoder.invert(images.clamp(-1, 1), image_embed, guidance_scale=decoder_guidance, steps=steps)
+        images = resize_center_crop_tensor(images, self.decoder.cfg.image_size)
+        return self.decoder.invert(images.clamp(-1, 1), image_embed, guidance_scale=1.0, steps=steps)
 
     @torch.no_grad()
     def variations(
@@ -266,9 +286,7 @@ class UnCLIPPipeline:
         generator = self.generator(seed)
         image_embed = self.encode_image(images)
         if invert:
-            x_t = self.invert(
-                images, image_embed, decoder_guidance=decode_kwargs.get("decoder_guidance"), steps=decode_kwargs.get("steps")
-            )
+            x_t = self.invert(images, image_embed, steps=decode_kwargs.get("steps"))
             decode_kwargs.update(decoder_noise=x_t.repeat_interleave(n, dim=0), sampler="ddim")
             eta = 1.0 if eta is None else eta
         return self.decode(image_embed.repeat_interleave(n, dim=0), generator=generator, eta=eta, **decode_kwargs)
@@ -279,15 +297,16 @@ class UnCLIPPipeline:
     ) -> Tensor:
         """`frames` images `[frames, 3, S, S]` from `image_a` to `image_b` (each `[3, H, W]` or
         `[1, 3, H, W]`): slerp between their CLIP image embeddings at evenly spaced weights
-        0..1, every frame decoded from the same noise (deterministic with DDIM, eta 0; the
-        per-step noise of DDPM or eta > 0 still differs between frames). `decode_kwargs` (e.g.
-        sampling `steps`) go to `decode`."""
+        0..1, every frame decoded from the same noise by deterministic DDIM (eta 0) without
+        guidance at every stage, so equal embeddings give equal frames. `decode_kwargs`: the
+        stages' `steps`, `upsampler_steps`, `upsampler_noise_level`."""
         if frames < 2:
             raise ValueError(f"interpolate: frames must be >= 2, got {frames}")
         embeds = self.encode_image(torch.cat([_batch_of_one(image_a), _batch_of_one(image_b)]))
         weights = torch.linspace(0, 1, frames, device=self.device)
         frames = slerp(embeds[0], embeds[1], weights)
-        return self.decode(frames, generator=self.generator(seed), share_noise=True, **decode_kwargs)
+        deterministic = _deterministic("interpolate", decode_kwargs)
+        return self.decode(frames, generator=self.generator(seed), share_noise=True, **deterministic)
 
     @torch.no_grad()
     def text_diff(
@@ -305,18 +324,16 @@ class UnCLIPPipeline:
         `from_text`: `z = slerp(z_image, normalize(z_to - z_from), amount)` for each amount,
         all decoded from one x_T. Returns `[len(amounts), 3, S, S]` (paper: amounts up to
         0.25..0.5). `invert` (the paper's way, sec. 3.3): x_T is the image's DDIM inversion and
-        decoding uses DDIM eta 0, so amount 0 reconstructs the image; otherwise x_T is random."""
+        decoding is unguided DDIM eta 0 at every stage, so amount 0 reconstructs the image;
+        otherwise x_T is random and the stages sample as configured (or as `decode_kwargs` say)."""
         image = _batch_of_one(image)
         image_embed = self.encode_image(image)
         text_embed, _, _ = self.encode_text([from_text, to_text])
         diff = F.normalize(text_embed[1] - text_embed[0], dim=-1)
         embeds = slerp(image_embed[0], diff, torch.as_tensor(list(amounts), dtype=torch.float32))
         if invert:
-            x_t = self.invert(
-                image, image_embed, decoder_guidance=decode_kwargs.get("decoder_guidance"), steps=decode_kwargs.get("steps")
-            )
-            decode_kwargs.setdefault("sampler", "ddim")
-            decode_kwargs.setdefault("eta", 0.0)
+            x_t = self.invert(image, image_embed, steps=decode_kwargs.get("steps"))
+            decode_kwargs = _deterministic("text_diff", decode_kwargs)
             decode_kwargs["decoder_noise"] = x_t.expand(len(embeds), -1, -1, -1)
         return self.decode(embeds, generator=self.generator(seed), share_noise=True, **decode_kwargs)
 
@@ -340,6 +357,50 @@ class CaptionOnly:
         """The null image embedding `[B, D]` for each of the `B` captions of `text_embed`."""
         null = self.decoder.null_image_embed.detach().to(text_embed)
         return null.expand(text_embed.shape[0], -1)
+
+
+def _check_widths(clip: Any, prior: Optional[Prior], decoder: Decoder) -> None:
+    """ValueError unless the CLIP's embedding and text widths are those the prior and the
+    decoder were built for (the chain's contracts, checked before anything samples)."""
+    dim = decoder.cfg.image_embed_dim
+    widths = {"embed_dim": getattr(clip, "embed_dim", None), "text_width": getattr(clip, "text_width", None)}
+    if widths["embed_dim"] is not None and widths["embed_dim"] != dim:
+        raise ValueError(f"CLIP embed_dim ({widths['embed_dim']}) differs from decoder.image_embed_dim ({dim})")
+    prior_cfg = getattr(prior, "cfg", None)
+    if prior_cfg is not None and prior_cfg.embed_dim != dim:
+        raise ValueError(f"prior embed_dim ({prior_cfg.embed_dim}) differs from decoder.image_embed_dim ({dim})")
+    for name, cfg in (("prior", prior_cfg), ("decoder", decoder.cfg)):
+        width = widths["text_width"]
+        if cfg is not None and cfg.use_text_encodings and width is not None and cfg.text_width != width:
+            raise ValueError(f"CLIP text_width ({width}) differs from {name} text_width ({cfg.text_width})")
+
+
+# what interpolation and decoding from an inverted latent fix: deterministic, unguided DDIM
+DETERMINISTIC = {"sampler": "ddim", "eta": 0.0, "decoder_guidance": 1.0, "upsampler_sampler": "ddim", "upsampler_eta": 0.0}
+
+
+def _deterministic(application: str, decode_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """`decode_kwargs` with `DETERMINISTIC`; ValueError naming any of those set otherwise."""
+    clash = sorted(k for k, v in decode_kwargs.items() if k in DETERMINISTIC and v is not None and v != DETERMINISTIC[k])
+    if clash:
+        raise ValueError(
+            f"{application} decodes with deterministic DDIM (eta 0) and no guidance at every stage; "
+            f"{', '.join(clash)} cannot be set for it"
+        )
+    return {**decode_kwargs, **DETERMINISTIC}
+
+
+def per_upsampler(value: PerUpsampler, count: int, name: str) -> list[Any]:
+    """One value per upsampler: None (each its configured value), one value for all, or a
+    sequence of `count` values (ValueError otherwise)."""
+    if value is None or isinstance(value, (int, float, str)):
+        return [value] * count
+    values = list(value)
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise ValueError(f"{name}: {len(values)} values for {count} upsampler(s); give one, or one per upsampler")
+    return values
 
 
 def _batch_of_one(image: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from models.diffusion import DiffusionConfig, GaussianDiffusion
 from models.embedding_space import ClipEmbeddings, EmbeddingSpace
 from models.layers import timestep_embedding
 from models.pca import PCAQuantizer, ScalarQuantizer
-from models.text_conditioning import NullText, TextConditioning, check_text_inputs, draw_bernoulli, resolve_cond_drop
+from models.text_conditioning import NullText, TextConditioning, check_text_inputs, draw_text_drop, resolve_cond_drop
 from models.transformer import CausalTransformer, KVCache, init_weights
 
 
@@ -40,8 +40,12 @@ class DiffusionPriorConfig:
     ff_mult: PositiveInt = 4
     dropout: Probability = 0.0
     use_text_encodings: bool = True
-    text_encodings_drop: Probability = 0.5
-    text_embed_drop: Probability = 0.1
+    # classifier-free guidance dropout (`models.text_conditioning.draw_text_drop`): the caption
+    # and its text embedding together (the null condition; unCLIP sec. 2.2: 10%), and each
+    # alone on top of that (independent extras; none in the paper)
+    text_drop: Probability = 0.1
+    text_encodings_drop: Probability = 0.0
+    text_embed_drop: Probability = 0.0
     # CLIP embeddings are unit-norm; scaled by sqrt(embed_dim) (None) their entries have unit
     # variance like the noise they are mixed with. "stats": 1 / (mean per-dimension std) of the
     # training embeddings, resolved into a number from precompute's stats.json by `unclip train`.
@@ -81,7 +85,11 @@ class ARPriorConfig:
     max_components: Optional[PositiveInt] = None
     num_buckets: PositiveInt = 1024
     dot_buckets: PositiveInt = 1024  # quantised "dot product with the text embedding" token
-    text_drop: Probability = 0.5
+    # classifier-free guidance dropout, as the diffusion prior's (`draw_text_drop`): the whole
+    # caption (unCLIP sec. 2.2: 10%), and its encodings or embedding alone on top (none in the paper)
+    text_drop: Probability = 0.1
+    text_encodings_drop: Probability = 0.0
+    text_embed_drop: Probability = 0.0
     use_text_encodings: bool = True
     # sampling conditions on a dot-product code from above this quantile of the training
     # distribution; unCLIP swept 0.5/0.7/0.85/0.95 and found 0.5 best (Sec. 2.2, footnote 2)
@@ -140,9 +148,8 @@ class DiffusionPrior(nn.Module):
         self, batch: int, device: torch.device, generator: Optional[torch.Generator] = None
     ) -> dict[str, Tensor]:
         """Training-time CFG dropout: `{"text_encodings": [B] bool, "text_embed": [B] bool}`,
-        independent draws with `text_encodings_drop` and `text_embed_drop`."""
-        probs = {"text_encodings": self.cfg.text_encodings_drop, "text_embed": self.cfg.text_embed_drop}
-        return draw_bernoulli(probs, batch, device, generator)
+        both together with `text_drop`, each alone with its extra rate (`draw_text_drop`)."""
+        return draw_text_drop(self.cfg, batch, device, generator)
 
     def forward(
         self,
@@ -272,7 +279,7 @@ class ARPrior(nn.Module):
     a code drawn from the top `1 - sample_dot_quantile` of its training distribution.
     """
 
-    cond_names = ("text",)
+    cond_names = ("text_encodings", "text_embed")
     sampling_options = ("guidance_scale", "temperature", "top_k", "dot_quantile")
 
     def __init__(self, cfg: ARPriorConfig) -> None:
@@ -313,15 +320,15 @@ class ARPrior(nn.Module):
     def draw_cond_drop(
         self, batch: int, device: torch.device, generator: Optional[torch.Generator] = None
     ) -> dict[str, Tensor]:
-        """Training-time CFG dropout of the whole caption (encodings and embedding):
-        `{"text": [B] bool}` with probability `text_drop`."""
-        return draw_bernoulli({"text": self.cfg.text_drop}, batch, device, generator)
+        """Training-time CFG dropout, as the diffusion prior's: `{"text_encodings": [B] bool,
+        "text_embed": [B] bool}`, both together with `text_drop` (`draw_text_drop`)."""
+        return draw_text_drop(self.cfg, batch, device, generator)
 
     def _prefix(self, text_embed, text_encodings, text_mask, dot_codes, drop) -> tuple[Tensor, Tensor]:
         """`[text encodings..., text embed, dot code]` tokens and their key mask. A dropped
         caption keeps its dot-product token: guidance then contrasts caption against no caption
         at the same requested image-text agreement."""
-        tokens, keep, embed_token = self.text(text_embed, text_encodings, text_mask, drop["text"], drop["text"])
+        tokens, keep, embed_token = self.text(text_embed, text_encodings, text_mask, drop["text_encodings"], drop["text_embed"])
         dtype = embed_token.dtype
         tail = torch.stack([embed_token, self.dot_emb(dot_codes).to(dtype)], dim=1) + self._positions(0, 2, dtype)
         keep = torch.cat([keep, torch.ones(keep.shape[0], 2, dtype=torch.bool, device=keep.device)], dim=1)
@@ -425,7 +432,7 @@ class ARPrior(nn.Module):
             return None if x is None else torch.cat([x] * copies)
 
         null = torch.arange(copies * batch, device=device) >= batch
-        prefix, keep = self._prefix(rep(text_embed), rep(text_encodings), rep(text_mask), rep(dot_codes), {"text": null})
+        prefix, keep = self._prefix(rep(text_embed), rep(text_encodings), rep(text_mask), rep(dot_codes), {"text_encodings": null, "text_embed": null})
         cache = KVCache(self.cfg.depth)
         hidden = self.transformer(prefix, keep, cache)[:, -1]
         codes = []

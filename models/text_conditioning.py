@@ -224,6 +224,24 @@ def resolve_cond_drop(
     return cond_drop
 
 
+def draw_text_drop(
+    cfg: Any, batch: int, device: torch.device, generator: Optional[torch.Generator] = None
+) -> dict[str, Tensor]:
+    """Training-time classifier-free-guidance dropout of a prior's caption conditions:
+    `{"text_encodings": [B] bool, "text_embed": [B] bool}` (True = replaced by its null token).
+
+    A row loses both together with probability `cfg.text_drop`: that is the fully
+    unconditional input guidance contrasts against, so it is trained at that rate (unCLIP sec.
+    2.2 drops "this text conditioning information 10% of the time"). On top of it, each part
+    alone is dropped independently with `cfg.text_encodings_drop` / `cfg.text_embed_drop`
+    (0 in the paper), so P(both dropped) = text_drop + (1 - text_drop) * e * m."""
+    draws = draw_bernoulli(
+        {"both": cfg.text_drop, "text_encodings": cfg.text_encodings_drop, "text_embed": cfg.text_embed_drop},
+        batch, device, generator,
+    )
+    return {"text_encodings": draws["both"] | draws["text_encodings"], "text_embed": draws["both"] | draws["text_embed"]}
+
+
 def draw_bernoulli(
     probs: dict[str, float], batch: int, device: torch.device, generator: Optional[torch.Generator] = None
 ) -> dict[str, Tensor]:

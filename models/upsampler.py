@@ -20,6 +20,7 @@ from models.config import NonNegativeFloat, PositiveInt, config_dataclass
 from models.degradations import BSRConfig, bsr_degrade, random_gaussian_blur
 from models.diffusion import DiffusionConfig, GaussianDiffusion
 from models.image_stage import check_divisible, check_images, eval_mode, image_diffusion, out_channels, sample_kwargs
+from models.noise_augmentation import NoiseAugConfig, NoiseAugmentation
 from models.unet import UNet, UNetConfig
 
 
@@ -51,6 +52,8 @@ class UpsamplerConfig:
     # Karlo's super-resolution: a second UNet of the same shape runs the final reverse step
     # (fine-tuned with GAN and perceptual losses); the diffusion loss trains only `unet`
     last_step_unet: bool = False
+    # noise conditioning augmentation of the low-res input (CDM/Imagen; models/noise_augmentation.py)
+    noise_aug: NoiseAugConfig = Field(default_factory=NoiseAugConfig)
 
     def __post_init__(self) -> None:
         if self.image_size <= self.lowres_size:
@@ -80,13 +83,17 @@ class Upsampler(nn.Module):
     def __init__(self, cfg: UpsamplerConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.noise_aug = NoiseAugmentation(cfg.noise_aug, cfg.unet.base_channels) if cfg.noise_aug.enabled else None
+        cond_dim = self.noise_aug.cond_dim if self.noise_aug is not None else None
         self.unet = UNet(
-            cfg.unet, cfg.channels, out_channels(cfg), extra_in_channels=cfg.channels, image_size=cfg.image_size
+            cfg.unet, cfg.channels, out_channels(cfg), extra_in_channels=cfg.channels, image_size=cfg.image_size,
+            cond_dim=cond_dim,
         )
         self.last_step_unet = None
         if cfg.last_step_unet:
             self.last_step_unet = UNet(
-                cfg.unet, cfg.channels, out_channels(cfg), extra_in_channels=cfg.channels, image_size=cfg.image_size
+                cfg.unet, cfg.channels, out_channels(cfg), extra_in_channels=cfg.channels, image_size=cfg.image_size,
+                cond_dim=cond_dim,
             )
             # trained by Karlo with adversarial and perceptual losses this stage does not have
             self.last_step_unet.requires_grad_(False)
@@ -131,18 +138,24 @@ class Upsampler(nn.Module):
         return torch.stack([img[:, y : y + crop, x : x + crop] for img, (y, x) in zip(images, offsets.tolist())])
 
     def forward(
-        self, x_t: Tensor, t: Tensor, *, lowres_cond: Tensor, null_cond: Optional[Tensor] = None, last_step: bool = False
+        self, x_t: Tensor, t: Tensor, *, lowres_cond: Tensor, noise_level: Optional[Tensor] = None,
+        null_cond: Optional[Tensor] = None, last_step: bool = False,
     ) -> Tensor:
         """Predict the objective for `x_t` `[batch, channels, H, W]`; `lowres_cond` is the low-res
-        image already resized to `[batch, channels, H, W]`. `last_step` runs `last_step_unet`
-        (where the stage has one), as sampling does for the final reverse step."""
+        image already resized to `[batch, channels, H, W]` (and noised by `noise_level` `[batch]`
+        when the upsampler is trained with noise augmentation, which needs the level).
+        `last_step` runs `last_step_unet` (where the stage has one), as sampling does for the
+        final reverse step."""
         if null_cond is not None and bool(null_cond.any()):
             raise ValueError(
                 "Upsampler: null_cond rows requested, but upsamplers are trained without conditioning "
                 "dropout; sample them with guidance_scale 1"
             )
+        if (noise_level is None) != (self.noise_aug is None):
+            raise ValueError("Upsampler: noise_level must be given iff the upsampler has noise_aug (max_level > 0)")
+        cond = self.noise_aug(noise_level) if self.noise_aug is not None else None
         unet = self.last_step_unet if last_step and self.last_step_unet is not None else self.unet
-        return unet(x_t, t, extra=lowres_cond)
+        return unet(x_t, t, extra=lowres_cond, cond=cond)
 
     def loss(
         self,
@@ -157,10 +170,11 @@ class Upsampler(nn.Module):
         `t` `[batch]` and `noise` (shaped like the, possibly cropped, images) are drawn unless given."""
         check_images(images, self.cfg.channels, self.cfg.image_size, "Upsampler.loss: images")
         images = self._random_crop(images, generator)
-        lowres_cond = self.upsample_lowres(self.make_lowres(images, generator), images.shape[-1])
-        return self.diffusion.loss(
-            self, images, cond={"lowres_cond": lowres_cond}, t=t, noise=noise, generator=generator
-        )
+        cond = {"lowres_cond": self.upsample_lowres(self.make_lowres(images, generator), images.shape[-1])}
+        if self.noise_aug is not None:
+            level = self.noise_aug.draw_levels(images.shape[0], images.device, generator)
+            cond = {"lowres_cond": self.noise_aug.augment(cond["lowres_cond"], level, generator), "noise_level": level}
+        return self.diffusion.loss(self, images, cond=cond, t=t, noise=noise, generator=generator)
 
     @torch.no_grad()
     def sample(
@@ -172,12 +186,26 @@ class Upsampler(nn.Module):
         eta: Optional[float] = None,
         noise: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        noise_level: Optional[float] = None,
+        lowres_noise: Optional[Tensor] = None,
     ) -> Tensor:
         """`lowres` `[batch, channels, lowres_size, lowres_size]` in [-1, 1] -> `[batch, channels,
-        image_size, image_size]` in [-1, 1]; unset options come from `cfg.diffusion`."""
+        image_size, image_size]` in [-1, 1]; unset options come from `cfg.diffusion`. With noise
+        augmentation the low-res input is noised by `noise_level` (default
+        `cfg.noise_aug.sample_level`; `lowres_noise`, shaped `[batch, channels, image_size,
+        image_size]`, fixes that noise) and the model told so; without it only level 0 exists."""
         check_images(lowres, self.cfg.channels, self.cfg.lowres_size, "Upsampler.sample: lowres")
         size = self.cfg.image_size
         cond = {"lowres_cond": self.upsample_lowres(lowres.clamp(-1, 1))}
+        if self.noise_aug is not None:
+            level = self.noise_aug.levels(lowres.shape[0], lowres.device, noise_level)
+            lowres_cond = self.noise_aug.augment(cond["lowres_cond"], level, generator, lowres_noise)
+            cond = {"lowres_cond": lowres_cond, "noise_level": level}
+        elif noise_level:
+            raise ValueError(
+                f"noise level {noise_level}: this upsampler was trained without noise augmentation "
+                "(noise_aug.max_level 0), so only level 0 applies"
+            )
         kwargs = sample_kwargs(self.cfg.diffusion, steps, sampler, eta, 1.0)
         final_t = self.diffusion.respaced_timesteps(kwargs["steps"])[-1]
 

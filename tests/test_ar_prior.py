@@ -168,10 +168,7 @@ def test_padding_does_not_change_the_logits():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_text_drop_rate_and_null_cond():
-    m = ARPrior(tiny_cfg(text_drop=0.3))
-    drop = m.draw_cond_drop(20000, torch.device("cpu"), torch.Generator().manual_seed(0))["text"].float()
-    assert abs(drop.mean().item() - 0.3) < 0.013  # 4 binomial sigmas
+def test_text_drop_and_null_cond():
     m = fitted_model(text_drop=1.0)
     image, text, enc, mask = batch()
     codes, dots = m.pca.quantize(image), torch.tensor([1, 2, 3, 4])

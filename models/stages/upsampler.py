@@ -62,7 +62,10 @@ def meta_loss(model: nn.Module, cfg: UpsamplerStageConfig, micro_batch: int) -> 
     m = cfg.model
     size = m.train_crop_size or m.image_size
     images = torch.zeros(micro_batch, m.channels, size, size, device="meta")
-    return model.diffusion.loss(model, images, cond={"lowres_cond": torch.zeros_like(images)})
+    cond = {"lowres_cond": torch.zeros_like(images)}
+    if model.noise_aug is not None:
+        cond["noise_level"] = torch.zeros(micro_batch, device="meta")
+    return model.diffusion.loss(model, images, cond=cond)
 
 
 SPEC = StageSpec(
