@@ -10,13 +10,15 @@ The optimizer is torch's AdamW passed as DeepSpeed's client optimizer: it works 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 
 from models.config import deep_merge
-from models.stages import Batch, StageContext, StageSpec
+from models.stages import Batch, Measure, StageContext, StageSpec
 from trainer.config import TrainJob
 
 
@@ -38,8 +40,16 @@ class StageModule(nn.Module):
         self._context = context
         self.generator = torch.Generator()  # the stage's randomness (t, noise, CFG drops); checkpointed
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return self._spec.loss(self.model, batch, self.generator, self._context)
+    def forward(
+        self, batch: Batch, generator: Optional[torch.Generator] = None, measure: Optional[Measure] = None
+    ) -> Any:
+        """The stage's loss of `batch` (draws from `generator`, default the training stream);
+        with `measure`, its values instead (validation's sampled metrics). Either runs inside
+        this module's forward, where ZeRO-3 has gathered the weights."""
+        generator = self.generator if generator is None else generator
+        if measure is not None:
+            return measure(self.model, batch, generator)
+        return self._spec.loss(self.model, batch, generator, self._context)
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -52,9 +62,11 @@ DEFAULT_BUCKET = int(5e8)  # DeepSpeed's default communication bucket, in elemen
 
 
 def deepspeed_config(
-    job: TrainJob, world_size: int, device: str, *, n_params: Optional[int] = None, load_universal: bool = False
+    job: TrainJob, world_size: int, device: str, *, n_params: Optional[int] = None, load_universal: bool = False,
+    run_dir: Optional[Path] = None,
 ) -> dict[str, Any]:
-    """The DeepSpeed JSON for `job` on `world_size` ranks of `device` ('cpu' or 'cuda:N')."""
+    """The DeepSpeed JSON for `job` on `world_size` ranks of `device` ('cpu' or 'cuda:N');
+    DeepSpeed's file monitors write under `run_dir` (see `monitor_sections`)."""
     precision = resolve_precision(job.deepspeed.precision, device)
     ds = job.deepspeed
     # DeepSpeed allocates its buckets up front (2 GB in fp32 by default): a small model needs
@@ -85,7 +97,28 @@ def deepspeed_config(
         # exact class, so it must be told that the subclass is fine.
         "zero_allow_untested_optimizer": True,
     }
-    return deep_merge(config, ds.extra)
+    return monitor_sections(deep_merge(config, ds.extra), job.name, run_dir)
+
+
+FILE_MONITORS = ("tensorboard", "csv_monitor")  # DeepSpeed monitors that write files
+
+
+def monitor_sections(config: dict[str, Any], job_name: str, run_dir: Optional[Path]) -> dict[str, Any]:
+    """DeepSpeed's TensorBoard and CSV monitors, where enabled, write to
+    `output_path/job_name`: `job_name` defaults to the job's name and `output_path` to
+    RUN_DIR/<section>; a relative `output_path` is taken from RUN_DIR (not from wherever the
+    launcher started). W&B (`wandb`) and Comet keep DeepSpeed's own settings."""
+    out = dict(config)
+    for section in FILE_MONITORS:
+        monitor = out.get(section)
+        if not isinstance(monitor, dict) or not monitor.get("enabled"):
+            continue
+        monitor = out[section] = {"job_name": job_name, **monitor}
+        path = monitor.get("output_path") or section
+        if run_dir is not None and not os.path.isabs(path):
+            path = str(Path(run_dir) / path)
+        monitor["output_path"] = path
+    return out
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -123,14 +156,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def build_engine(model: nn.Module, job: TrainJob, world_size: int, device: str, *, load_universal: bool = False):
+def build_engine(
+    model: nn.Module, job: TrainJob, world_size: int, device: str, *, load_universal: bool = False,
+    run_dir: Optional[Path] = None,
+):
     """Wrap `model` in a DeepSpeed engine with AdamW; return (engine, the DeepSpeed JSON)."""
     import deepspeed
 
     from trainer import safe_load
 
     n_params = count_parameters(model.parameters())
-    config = deepspeed_config(job, world_size, device, n_params=n_params, load_universal=load_universal)
+    config = deepspeed_config(job, world_size, device, n_params=n_params, load_universal=load_universal, run_dir=run_dir)
     optim = job.optim
     optimizer = GuardedAdamW(
         param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
