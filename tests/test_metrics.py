@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from trainer import metrics as M
 from trainer.config import MetricsConfig
 from trainer.metrics import SPECS, Metrics, NullMetrics
+from trainer.monitors import monitor_events
 
 
 def _free_port() -> int:
@@ -306,10 +307,32 @@ def test_a_resumed_run_reports_samples_per_step_from_its_totals():
     assert not m._hists  # no step observed: the histogram is not filled from window means
 
 
+class _FailingMonitor:
+    enabled = True
+
+    def __init__(self):
+        self.events = []
+
+    def write_events(self, events):
+        self.events.append(events)
+        raise ConnectionError("wandb.ai unreachable")
+
+
+def test_every_logged_number_goes_to_deepspeeds_monitors_and_their_outage_is_survived(caplog):
+    monitor = _FailingMonitor()
+    m = Metrics("j", "prior", 0, 1, None, MetricsConfig(), console=False, monitor=monitor).start()
+    _log(m, 1, 8)
+    _log(m, 2, 16, validation={"loss": 0.7})
+    m.close()
+    assert [dict((tag, v) for tag, v, _ in events)["unclip/loss"] for events in monitor.events] == [0.5, 0.5]
+    assert ("unclip/validation_loss", 0.7, 2) in monitor.events[1]
+    assert "monitor write failed (1 so far)" in caplog.text
+
+
 def test_monitor_events_carry_every_logged_number():
     record = {"step": 7, "time": 1.0, "job": "j", "stage": "prior", "unclip_loss": 0.5, "unclip_grad_norm": None,
               "unclip_validation_loss": 0.75, "unclip_last_log_timestamp_seconds": 1e9, "unclip_world_size": 2,
               "unclip_skipped_steps_total": {"nonfinite": 1}}
-    assert M.monitor_events(record) == [
+    assert monitor_events(record) == [
         ("unclip/loss", 0.5, 7), ("unclip/validation_loss", 0.75, 7), ("unclip/world_size", 2.0, 7),
     ]

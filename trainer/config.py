@@ -23,6 +23,7 @@ from models.config import (
     config_dataclass,
 )
 from models.stages import StageSpec
+from trainer.monitors import MONITOR_PACKAGES
 
 
 @config_dataclass
@@ -47,9 +48,6 @@ class OptimConfig:
     schedule: Literal["constant", "cosine"] = "cosine"
     min_lr_ratio: Probability = 0.0
     grad_clip: NonNegativeFloat = 1.0  # 0 disables clipping
-
-
-MONITOR_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet": "comet_ml"}  # DeepSpeed's monitors
 
 
 @config_dataclass

@@ -10,7 +10,6 @@ The optimizer is torch's AdamW passed as DeepSpeed's client optimizer: it works 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -20,6 +19,7 @@ from torch import nn
 from models.config import deep_merge
 from models.stages import Batch, Measure, StageContext, StageSpec
 from trainer.config import TrainJob
+from trainer.monitors import monitor_sections
 
 
 class StageModule(nn.Module):
@@ -98,27 +98,6 @@ def deepspeed_config(
         "zero_allow_untested_optimizer": True,
     }
     return monitor_sections(deep_merge(config, ds.extra), job.name, run_dir)
-
-
-FILE_MONITORS = ("tensorboard", "csv_monitor")  # DeepSpeed monitors that write files
-
-
-def monitor_sections(config: dict[str, Any], job_name: str, run_dir: Optional[Path]) -> dict[str, Any]:
-    """DeepSpeed's TensorBoard and CSV monitors, where enabled, write to
-    `output_path/job_name`: `job_name` defaults to the job's name and `output_path` to
-    RUN_DIR/<section>; a relative `output_path` is taken from RUN_DIR (not from wherever the
-    launcher started). W&B (`wandb`) and Comet keep DeepSpeed's own settings."""
-    out = dict(config)
-    for section in FILE_MONITORS:
-        monitor = out.get(section)
-        if not isinstance(monitor, dict) or not monitor.get("enabled"):
-            continue
-        monitor = out[section] = {"job_name": job_name, **monitor}
-        path = monitor.get("output_path") or section
-        if run_dir is not None and not os.path.isabs(path):
-            path = str(Path(run_dir) / path)
-        monitor["output_path"] = path
-    return out
 
 
 class GuardedAdamW(torch.optim.AdamW):

@@ -36,6 +36,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from data_pipeline.stats import REASONS as DATA_SKIP_REASONS
 from trainer.flops import measure_peak_flops
+from trainer.monitors import monitor_events
 from trainer.report import VALIDATION_PREFIX, console_line, plot_run
 
 log = logging.getLogger("unclip.metrics")
@@ -257,6 +258,7 @@ class Metrics:
         self.job, self.stage, self.rank, self.world_size = job, stage, rank, world_size
         self.local_rank, self.cfg, self.console = local_rank, cfg, console
         self.monitor = monitor  # DeepSpeed's MonitorMaster (TensorBoard, CSV, W&B), or None
+        self._monitor_failures = 0
         self._step_ranks = [str(rank)]  # whose step-time histograms a step goes to (see start())
         self.push_interval_s = push_interval_s
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -401,9 +403,18 @@ class Metrics:
             self._jsonl.write(json.dumps(record) + "\n")
         if self.console:
             print(console_line(record), flush=True)
-        if self.monitor is not None and getattr(self.monitor, "enabled", False):
-            self.monitor.write_events(monitor_events(record))
+        self._write_monitors(record)
         return record
+
+    def _write_monitors(self, record: dict[str, Any]) -> None:
+        if self.monitor is None or not getattr(self.monitor, "enabled", False):
+            return
+        try:
+            self.monitor.write_events(monitor_events(record))
+        except Exception as err:  # a monitoring outage (W&B's network) must never stop training
+            self._monitor_failures += 1
+            if self._monitor_failures == 1 or self._monitor_failures % 100 == 0:
+                log.warning("metrics: DeepSpeed monitor write failed (%d so far): %s", self._monitor_failures, err)
 
     def count_skipped_step(self, reason: str) -> None:
         """One optimizer step skipped (e.g. non-finite loss); the decision is job-wide."""
@@ -524,19 +535,6 @@ def _json_number(name: str, value: float) -> Optional[float]:
     if not math.isfinite(value):
         return None  # strict JSON has no NaN: a non-finite loss is logged as null
     return int(value) if SPECS.get(name, _GAUGE).kind == "counter" else value
-
-
-def monitor_events(record: Mapping[str, Any]) -> list[tuple[str, float, int]]:
-    """A metrics.jsonl record as DeepSpeed monitor events `(tag, value, step)`: each logged
-    number as `unclip/<name without unclip_>` (timestamps, counts by reason and nulls left out)."""
-    step = int(record["step"])
-    events = []
-    for name, value in record.items():
-        if not name.startswith("unclip_") or name.endswith("_timestamp_seconds"):
-            continue
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            events.append((f"unclip/{name.removeprefix('unclip_')}", float(value), step))
-    return events
 
 
 class NullMetrics:
