@@ -134,3 +134,14 @@ def test_validation_needs_held_out_data_when_the_job_has_data():
     assert job.data.validation[0].shards == "b.tar"
     single = job.data.single_pass(job.data.validation)
     assert single.sources == job.data.validation and not single.resampled and single.num_workers == 0
+
+
+def test_held_out_sources_without_the_stages_embeddings_are_named(tmp_path):
+    from data_pipeline.shards import write_shards
+    from trainer.validation import held_out_stream
+
+    write_shards("shapes", str(tmp_path), per_shard=4, count=4, size=8, seed=0)
+    job = build_job(merged(TINY_PRIOR, data={"sources": [{"shards": f"{tmp_path}/shard-000000.tar"}],
+                                             "validation": [{"shards": f"{tmp_path}/shard-000000.tar"}]}))
+    with pytest.raises(ConfigError, match=r"data.validation\[0\].embeddings: this stage needs"):
+        held_out_stream(job, stages.get("prior"), {})

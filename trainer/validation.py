@@ -63,7 +63,11 @@ def held_out_stream(job: TrainJob, spec: StageSpec, extra_shapes: dict[str, tupl
 
     tokenizer = spec.tokenizer(job) if "tokens" in wants else None
     data = job.data.single_pass(job.data.validation)
-    return iter(build_loader(data, batch_size=size, want=wants, tokenizer=tokenizer, drop_last=True))
+    try:
+        loader = build_loader(data, batch_size=size, want=wants, tokenizer=tokenizer, drop_last=True)
+    except ValueError as err:  # the loader names what it reads data.sources[i]: here data.validation[i]
+        raise ConfigError(str(err).replace("data.sources", "data.validation")) from None
+    return iter(loader)
 
 
 def read_held_out(stream: Iterator[Batch], count: int, keep: set[int], batch_size: int) -> dict[int, Batch]:

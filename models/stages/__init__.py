@@ -4,10 +4,10 @@ A module `models/stages/<name>.py` defines `SPEC`, a `StageSpec`: the sections o
 file beyond the shared training ones (`stage`, `model`, and `clip` where it conditions on
 a frozen CLIP), how to build its model, the loss of a batch, the batch fields that loss
 reads and their shapes, what must happen before training (the autoregressive prior's PCA
-fit), its sample grid, its place in the sampling pipeline and how it loads there, and what
-the memory plan needs to know, and what its validation measures by sampling held-out batches.
-The training loop, the config loader, the memory plan and
-the sampling loader read specs and never name a stage: adding a stage is adding a module.
+fit), its sample grid, its place in the sampling pipeline and how it loads there, what the
+memory plan needs to know, and what its validation measures by sampling held-out batches.
+The training loop, the config loader, the memory plan and the sampling loader read specs
+and never name a stage: adding a stage is adding a module.
 
 Pure PyTorch like the rest of `models/`: sampling imports this without the trainer.
 """
