@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 from urllib.parse import urlsplit
@@ -55,11 +56,19 @@ class SourceConfig:
 @config_dataclass
 class DataConfig:
     sources: list[SourceConfig] = Field(min_length=1)
+    # held-out sources (never trained on) for the job's validation (`validation:`), same form
+    validation: list[SourceConfig] = Field(default_factory=list)
     resampled: bool = True
     shuffle_buffer: NonNegativeInt = 1000
     num_workers: NonNegativeInt = 2
     image_size: Optional[PositiveInt] = None
     seed: int = 0
+
+    def single_pass(self, sources: Optional[list[SourceConfig]] = None) -> "DataConfig":
+        """This data (or `sources`, read the same way) as one pass in a fixed order, decoded in
+        the reading process: what a job reads once, before training (a fit, a held-out set)."""
+        chosen = list(self.sources if sources is None else sources)
+        return dataclasses.replace(self, sources=chosen, validation=[], resampled=False, num_workers=0)
 
 
 @config_dataclass

@@ -67,6 +67,13 @@ class DiffusionPriorConfig:
             )
 
 
+# Equal-mass buckets put N / num_buckets fitted embeddings in each bucket; a bucket's edges
+# and median are quantiles estimated from those, whose error shrinks as 1/sqrt(count): 100
+# per bucket keeps it near a tenth of a bucket's width (102,400 embeddings for 1024 buckets,
+# ~0.4 GB of float32 for D = 1024).
+PCA_FIT_PER_BUCKET = 100
+
+
 @config_dataclass
 class ARPriorConfig:
     """Decoder-only transformer over PCA-reduced, quantised image-embedding tokens."""
@@ -85,6 +92,9 @@ class ARPriorConfig:
     max_components: Optional[PositiveInt] = None
     num_buckets: PositiveInt = 1024
     dot_buckets: PositiveInt = 1024  # quantised "dot product with the text embedding" token
+    # training embeddings the PCA and both sets of buckets are fitted on (the stage's
+    # preparation); None: PCA_FIT_PER_BUCKET per bucket of the finer quantiser
+    pca_fit_embeddings: Optional[PositiveInt] = None
     # classifier-free guidance dropout, as the diffusion prior's (`draw_text_drop`): the whole
     # caption (unCLIP sec. 2.2: 10%), and its encodings or embedding alone on top (none in the paper)
     text_drop: Probability = 0.1
@@ -104,6 +114,17 @@ class ARPriorConfig:
             raise ValueError(
                 f"num_buckets and dot_buckets must be >= 2, got {self.num_buckets} and {self.dot_buckets}"
             )
+        buckets = max(self.num_buckets, self.dot_buckets)
+        if self.pca_fit_embeddings is not None and self.pca_fit_embeddings < buckets:
+            raise ValueError(
+                f"pca_fit_embeddings ({self.pca_fit_embeddings}) must be at least one per bucket ({buckets}); "
+                f"the default, {PCA_FIT_PER_BUCKET * buckets}, puts {PCA_FIT_PER_BUCKET} in each"
+            )
+
+    @property
+    def fit_embeddings(self) -> int:
+        """How many training embeddings the PCA and buckets are fitted on."""
+        return self.pca_fit_embeddings or PCA_FIT_PER_BUCKET * max(self.num_buckets, self.dot_buckets)
 
 
 # ===================================================================== diffusion prior
@@ -304,12 +325,19 @@ class ARPrior(nn.Module):
         return self.pca.fitted
 
     @torch.no_grad()
-    def fit_pca(self, image_embeds: Tensor, text_embeds: Optional[Tensor] = None) -> int:
+    def fit_pca(
+        self, image_embeds: Tensor, text_embeds: Optional[Tensor] = None, *, dots: Optional[Tensor] = None
+    ) -> int:
         """Fit the PCA and code buckets on training image embeddings `[N, D]`; with the paired
-        `text_embeds` `[N, D]` also fit the dot-product buckets to the data (equal mass; else
-        they stay uniform over [-1, 1]). Returns the number of components kept."""
+        `text_embeds` `[N, D]` (or their dot products with the images, `dots` `[N]`, which
+        need no second `[N, D]` copy) also fit the dot-product buckets to the data (equal
+        mass; else they stay uniform over [-1, 1]). Returns the number of components kept."""
         k = self.pca.fit(image_embeds)
-        if text_embeds is not None:
+        if dots is not None:
+            if dots.shape != image_embeds.shape[:1]:
+                raise ValueError(f"ARPrior.fit_pca: dots {tuple(dots.shape)} must be [{image_embeds.shape[0]}]")
+            self.dot_quantizer.fit(dots)
+        elif text_embeds is not None:
             if text_embeds.shape != image_embeds.shape:
                 raise ValueError(
                     f"ARPrior.fit_pca: text_embeds {tuple(text_embeds.shape)} must match image_embeds {tuple(image_embeds.shape)}"

@@ -235,3 +235,55 @@ def test_dot_codes_come_from_the_upper_quantiles():
     assert codes.min() == 4 and codes.max() == 7
     top = m.draw_dot_codes(100, torch.device("cpu"), quantile=1.0)
     assert torch.all(top == 7)
+
+
+# ------------------------------------------------------------------ the stage's fit (its preparation)
+def _pairs(n, seed=1):
+    x = F.normalize(low_rank(n, D, 4, seed=seed, noise=0.05), dim=-1)
+    t = F.normalize(x + 0.5 * torch.randn(n, D, generator=torch.Generator().manual_seed(seed + 1)), dim=-1)
+    return x, t
+
+
+def _batches(x, t, size=300):
+    return ({"image_embed": x[i : i + size], "text_embed": t[i : i + size]} for i in range(0, len(x), size))
+
+
+def test_stage_fit_uses_the_first_fit_embeddings_and_fills_every_bucket():
+    from models.prior import PCA_FIT_PER_BUCKET
+    from models.stages.prior import fit_pca
+
+    cfg = tiny_cfg(num_buckets=16, dot_buckets=8, max_components=4)
+    assert cfg.fit_embeddings == PCA_FIT_PER_BUCKET * 16 == 1600  # the finer quantiser sets the count
+    x, t = _pairs(2000)
+    model = ARPrior(cfg)
+    fit_pca(model, _batches(x, t))
+    reference = ARPrior(cfg)
+    reference.fit_pca(x[:1600], t[:1600])  # the first 1600, across batch boundaries
+    for name, buffer in reference.state_dict().items():
+        if "pca" in name or "dot_quantizer" in name:
+            assert torch.equal(model.state_dict()[name], buffer), name
+    codes = model.pca.quantize(x[:1600])
+    counts = torch.stack([torch.bincount(codes[:, j], minlength=16) for j in range(model.pca.k)])
+    assert counts.min() >= PCA_FIT_PER_BUCKET - 1, counts  # equal mass: 100 a bucket, +-1 at an edge
+    dots = model.dot_quantizer((x[:1600] * t[:1600]).sum(-1))
+    assert torch.bincount(dots, minlength=8).min() >= 1600 // 8 - 1
+
+
+def test_stage_fit_on_too_little_data_says_how_much_there_is():
+    from models.config import ConfigError
+    from models.stages.prior import fit_pca
+
+    x, t = _pairs(900)
+    with pytest.raises(ConfigError, match=r"fits its PCA and buckets on 1600 .* holds 900"):
+        fit_pca(ARPrior(tiny_cfg(num_buckets=16, dot_buckets=8, max_components=4)), _batches(x, t))
+    with pytest.raises(ValueError, match="at least one per bucket"):
+        tiny_cfg(num_buckets=16, pca_fit_embeddings=10)
+    assert tiny_cfg(num_buckets=16, pca_fit_embeddings=500).fit_embeddings == 500
+
+
+def test_dot_buckets_fit_from_dot_products_equals_from_text_embeddings():
+    x, t = _pairs(512)
+    a, b = ARPrior(tiny_cfg()), ARPrior(tiny_cfg())
+    a.fit_pca(x, t)
+    b.fit_pca(x, dots=(x * t).sum(-1))
+    assert torch.equal(a.dot_quantizer.edges, b.dot_quantizer.edges) and torch.equal(a.pca.edges, b.pca.edges)

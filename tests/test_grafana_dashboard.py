@@ -6,10 +6,11 @@ from pathlib import Path
 
 import yaml
 
-from trainer.metrics import COMPONENT_PREFIX, exported_names
+from models import stages
+from trainer.metrics import COMPONENT_PREFIX, SPECS, VALIDATION_PREFIX, exported_names
 
 MONITORING = Path(__file__).resolve().parents[1] / "configs" / "monitoring"
-ROWS = {"Progress and loss", "Throughput and MFU", "Data pipeline health", "Checkpoints", "Memory"}
+ROWS = {"Progress and loss", "Validation", "Throughput and MFU", "Data pipeline health", "Checkpoints", "Memory"}
 # metric names (unclip_*) and recording rules (level:unclip_*:ops) inside PromQL
 NAME = re.compile(r"\b((?:[a-z_]+:)?unclip_[a-z0-9_]+(?::[a-z0-9_]+)?)\b")
 NAME_REGEX = re.compile(r'__name__=~"([^"]+)"')
@@ -74,3 +75,19 @@ def test_every_query_is_templated_and_uses_only_exported_metrics():
     # every concern of the issue is on the dashboard
     for needed in ("unclip_loss", "unclip_mfu_ratio", "unclip_data_wait_ratio", "unclip_last_checkpoint_step", "unclip_memory_used_bytes"):
         assert needed in seen
+    # and every validation figure: the shared ones and each stage's sampled metrics
+    validation = {name for name in SPECS if name.startswith(VALIDATION_PREFIX)}
+    for name in stages.names():
+        spec = stages.get(name).validation
+        validation |= {VALIDATION_PREFIX + metric for metric, _ in (spec.metrics if spec else ())}
+    assert len(validation) >= 9 and validation <= seen, validation - seen
+
+
+def test_validation_panels_sit_in_the_validation_row():
+    panels = _dashboard()["panels"]
+    start = next(i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == "Validation")
+    end = next(i for i in range(start + 1, len(panels)) if panels[i]["type"] == "row")
+    row = panels[start + 1 : end]
+    assert row and all(VALIDATION_PREFIX in t["expr"] for p in row for t in p["targets"][:1])
+    row_y = panels[start]["gridPos"]["y"]
+    assert all(p["gridPos"]["y"] == row_y + 1 for p in row)

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from trainer import metrics as M
 from trainer.config import MetricsConfig
 from trainer.metrics import SPECS, Metrics, NullMetrics
+from trainer.monitors import monitor_events
 
 
 def _free_port() -> int:
@@ -64,13 +65,17 @@ def test_single_rank_serves_and_writes_jsonl(tmp_path, capsys):
     port = _free_port()
     cfg = MetricsConfig(port=port, peak_flops=1e9)
     m = Metrics("demo-dec", "decoder", 0, 1, tmp_path, cfg).start()
-    m._started_at -= 10 * 0.1  # as if the first 10 steps of 0.1 s ran since start()
     try:
         assert m.port == port
+        for seconds in [0.05, 0.15] * 5:  # 10 steps whose window mean is 0.1 s
+            m.observe_step(seconds)
         _log(m, 10, 80, components={"mse": 0.4, "vb": 0.1}, flops_per_sample=2e6)
         m.set_skipped_samples({"undecodable_image": 3, "no such reason": 2})
         m.count_skipped_step("nonfinite_loss")
-        record = _log(m, 30, 240, step_time_s=0.2, data_wait_s=0.05)
+        for _ in range(20):
+            m.observe_step(0.2)
+        record = _log(m, 30, 240, step_time_s=0.2, data_wait_s=0.05,
+                      validation={"loss": 0.75, "seconds": 1.5, "decoder_clip_score": 0.25})
         m.checkpoint_saved(30, 1.25)
         scraped = _scrape(port)
     finally:
@@ -87,10 +92,16 @@ def test_single_rank_serves_and_writes_jsonl(tmp_path, capsys):
         assert _value(scraped, "unclip_samples_total", rank=rank) == 240
         assert _value(scraped, "unclip_steps_total", rank=rank) == 30
         assert _value(scraped, "unclip_mfu_ratio", rank=rank) == pytest.approx(0.08)
-        # one histogram count per optimizer step: 10 steps in the first window, 20 in the second
+        # each step's own time, not its window's mean: half of the first 10 steps took 0.05 s
         assert _value(scraped, "unclip_step_time_seconds_count", rank=rank) == 30
-        assert _value(scraped, "unclip_step_time_seconds_sum", rank=rank) == pytest.approx(10 * 0.1 + 20 * 0.2)
-        assert _value(scraped, "unclip_step_time_seconds_bucket", rank=rank, le="0.1") == 10
+        assert _value(scraped, "unclip_step_time_seconds_sum", rank=rank) == pytest.approx(5 * 0.05 + 5 * 0.15 + 20 * 0.2)
+        assert _value(scraped, "unclip_step_time_seconds_bucket", rank=rank, le="0.05") == 5
+        assert _value(scraped, "unclip_step_time_seconds_bucket", rank=rank, le="0.1") == 5
+        assert _value(scraped, "unclip_step_time_seconds_bucket", rank=rank, le="0.25") == 30
+        # validation values (job-wide already) are gauges of their own
+        assert _value(scraped, "unclip_validation_loss", rank=rank) == 0.75
+        assert _value(scraped, "unclip_validation_seconds", rank=rank) == 1.5
+        assert _value(scraped, "unclip_validation_decoder_clip_score", rank=rank) == 0.25
         assert _value(scraped, "unclip_skipped_samples_total", rank=rank, reason="other") == 2
         assert _value(scraped, "unclip_skipped_steps_total", rank=rank, reason="nonfinite_loss") == 1
         assert _value(scraped, "unclip_last_checkpoint_step", rank=rank) == 30
@@ -101,7 +112,9 @@ def test_single_rank_serves_and_writes_jsonl(tmp_path, capsys):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [10, 30]
     assert lines[0]["unclip_loss_mse"] == 0.4 and lines[1]["unclip_samples_total"] == 240
-    assert set(lines[1]) - {"step", "time", "job", "stage"} <= set(SPECS) | {"unclip_loss_mse", "unclip_loss_vb"}
+    assert set(lines[1]) - {"step", "time", "job", "stage"} <= set(M.metric_specs()) | {"unclip_loss_mse", "unclip_loss_vb"}
+    assert "unclip_validation_loss" not in lines[0] and lines[1]["unclip_validation_loss"] == 0.75
+    assert lines[1]["unclip_step_time_seconds"] == 0.2  # the window mean, as logged
     assert (tmp_path / "report.png").is_file()  # drawn at close
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and "step 30" in out[1] and "40.0 samples/s" in out[1] and "MFU 8.0%" in out[1]
@@ -244,7 +257,8 @@ def test_readme_lists_every_metric():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "configs" / "monitoring" / "README.md").read_text()
-    for name in SPECS:
+    assert set(M.metric_specs()) > set(SPECS)  # with every stage's sampled validation metrics
+    for name in M.metric_specs():
         assert f"| `{name}` |" in readme, f"configs/monitoring/README.md does not document {name}"
 
 
@@ -254,6 +268,7 @@ def test_other_ranks_take_part_in_the_reduce_but_do_not_speak_for_the_job(monkey
     monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: calls.append(t))
     m = Metrics("j", "prior", 1, 2, None, MetricsConfig(), per_rank=True, console=False).start()
+    m.observe_step(0.1)
     assert _log(m, 5, 40) is None
     m.close()
     assert len(calls) == 1  # the collective happens on every rank
@@ -273,10 +288,51 @@ def test_a_non_finite_loss_is_logged_as_json_null(tmp_path, capsys):
     assert (tmp_path / "report.png").is_file()
 
 
-def test_a_resumed_run_counts_only_its_own_steps_in_the_histogram():
+def test_rank0_of_a_job_observes_its_steps_for_the_job_too(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    m = Metrics("j", "prior", 0, 2, None, MetricsConfig(), console=False).start()
+    for seconds in (0.02, 0.3, 70.0):
+        m.observe_step(seconds)
+    # one count per step in its own bucket (the last beyond every bound: +Inf)
+    expected = [0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1]  # le 0.025, le 0.5, +Inf
+    assert m._hists["0"].counts == m._hists["all"].counts == expected
+    assert m._hists["0"].sum == pytest.approx(70.32)
+
+
+def test_a_resumed_run_reports_samples_per_step_from_its_totals():
     m = Metrics("j", "prior", 0, 1, None, MetricsConfig(), console=False).start()
-    m._started_at -= 2.0  # resumed at step 1000, then 20 steps of 0.1 s before the first log
-    record = _log(m, 1020, 8160, step_time_s=0.1)
-    assert m._hists["0"].counts == [0, 0, 0, 20] + [0] * (len(M.STEP_TIME_BUCKETS) - 3)
+    record = _log(m, 1020, 8160, step_time_s=0.1)  # resumed at step 1000: totals include earlier steps
     assert record["unclip_samples_per_second"] == pytest.approx(8 / 0.1)  # 8 samples per step
     assert record["unclip_steps_total"] == 1020 and record["unclip_samples_total"] == 8160
+    assert not m._hists  # no step observed: the histogram is not filled from window means
+
+
+class _FailingMonitor:
+    enabled = True
+
+    def __init__(self):
+        self.events = []
+
+    def write_events(self, events):
+        self.events.append(events)
+        raise ConnectionError("wandb.ai unreachable")
+
+
+def test_every_logged_number_goes_to_deepspeeds_monitors_and_their_outage_is_survived(caplog):
+    monitor = _FailingMonitor()
+    m = Metrics("j", "prior", 0, 1, None, MetricsConfig(), console=False, monitor=monitor).start()
+    _log(m, 1, 8)
+    _log(m, 2, 16, validation={"loss": 0.7})
+    m.close()
+    assert [dict((tag, v) for tag, v, _ in events)["unclip/loss"] for events in monitor.events] == [0.5, 0.5]
+    assert ("unclip/validation_loss", 0.7, 2) in monitor.events[1]
+    assert "monitor write failed (1 so far)" in caplog.text
+
+
+def test_monitor_events_carry_every_logged_number():
+    record = {"step": 7, "time": 1.0, "job": "j", "stage": "prior", "unclip_loss": 0.5, "unclip_grad_norm": None,
+              "unclip_validation_loss": 0.75, "unclip_last_log_timestamp_seconds": 1e9, "unclip_world_size": 2,
+              "unclip_skipped_steps_total": {"nonfinite": 1}}
+    assert monitor_events(record) == [
+        ("unclip/loss", 0.5, 7), ("unclip/validation_loss", 0.75, 7), ("unclip/world_size", 2.0, 7),
+    ]

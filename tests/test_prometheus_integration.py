@@ -3,7 +3,8 @@
 Starts Debian's `prometheus` on 127.0.0.1 (free port, temp TSDB, scrape every second) with
 configs/monitoring/prometheus.yml, publishes the job's file-SD targets the way a launcher
 does (launch/monitoring.py), runs `unclip train --nproc 2` on the demo prior (synthetic
-data) with per-rank exporters, then asks Prometheus's HTTP API what it scraped.
+data, validated every 25 steps) with per-rank exporters, then asks Prometheus's HTTP API
+what it scraped.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "configs" / "monitoring"
 JOB, STAGE = "itest", "prior"
-STEPS, LOG_EVERY, BATCH = 100, 2, 4
+STEPS, LOG_EVERY, BATCH, VALIDATE_EVERY = 100, 2, 4, 25
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +103,8 @@ def _train(run_dir: Path, metrics_port: int) -> None:
     command += ["--run-dir", str(run_dir), "--nproc", "2", "--metrics-port", str(metrics_port)]
     # data=null: the stage's synthetic batches, whatever data the demo config names
     for override in ("data=null", f"name={JOB}", f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}",
-                     f"train.micro_batch_size={BATCH}", "checkpoint.every_steps=1000"):
+                     f"train.micro_batch_size={BATCH}", "checkpoint.every_steps=1000",
+                     f"validation.every_steps={VALIDATE_EVERY}", "validation.batches=2", "validation.sample_steps=4"):
         command += ["--set", override]
     env = dict(os.environ, UNCLIP_METRICS_PER_RANK="1", OMP_NUM_THREADS="1")
     out = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
@@ -128,7 +130,8 @@ def test_real_prometheus_scrapes_both_ranks(tmp_path):
             return {s["metric"]["rank"]: [(t, float(v)) for t, v in s["values"]] for s in result}
 
         loss, samples, steps = by_rank("unclip_loss"), by_rank("unclip_samples_total"), by_rank("unclip_step_time_seconds_count")
-        for series in (loss, samples, steps):
+        validation = by_rank("unclip_validation_loss")
+        for series in (loss, samples, steps, validation, by_rank("unclip_validation_prior_image_cosine")):
             assert {"0", "1", "all"} <= set(series), series.keys()
         for rank, points in samples.items():
             values = [v for _, v in points]
@@ -141,6 +144,11 @@ def test_real_prometheus_scrapes_both_ranks(tmp_path):
         assert common and all(job[t] == 2 * own[t] for t in common)
         records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         assert records[-1]["step"] == STEPS and records[-1]["unclip_samples_total"] == STEPS * BATCH * 2
+        # job-wide already: every rank exports the held-out loss of the validation steps
+        validated = {r["unclip_validation_loss"] for r in records if "unclip_validation_loss" in r}
+        assert len(validated) == STEPS // VALIDATE_EVERY
+        for rank, points in validation.items():
+            assert {v for _, v in points} <= validated, rank
         assert max(job.values()) <= STEPS * BATCH * 2
         assert (tmp_path / "run" / "report.png").is_file()
         # the shipped recording rules load and evaluate on these series

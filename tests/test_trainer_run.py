@@ -4,6 +4,7 @@ after kill -9, resume at another world size, SIGTERM, non-finite steps, export."
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -119,12 +120,65 @@ def test_resume_at_world_size_1_from_2_rank_checkpoint(prior_run, tmp_path):
     assert shard["ema/model.to_out.weight"].numel() == 16 * 32
 
 
+def test_validation_is_held_out_fixed_and_leaves_training_bit_identical(prior_run, tmp_path):
+    """The reference job for 10 steps with validation every 5 (sampled cosines included) and
+    DeepSpeed's TensorBoard and CSV monitors on: the weights at step 10 are the reference's,
+    the logged validation equals a direct computation with them, and the monitors get it."""
+    _, reference = prior_run
+    extra = {"tensorboard": {"enabled": True}, "csv_monitor": {"enabled": True}}
+    job = merged(
+        TINY_PRIOR, train={**TINY_PRIOR["train"], "steps": 10}, deepspeed={**TINY_PRIOR["deepspeed"], "extra": extra},
+        validation={"every_steps": 5, "batches": 3, "sample_batches": 2, "sample_steps": 4},
+    )
+    run_dir = tmp_path / "run"
+    done = train(write_job(tmp_path / "prior.yaml", job), run_dir)
+    assert done.returncode == 0, explain(done)
+    weights = fp32_weights(run_dir, 10)
+    assert_same(weights, fp32_weights(reference, 10))  # validating changed nothing in training
+    for mine, theirs in zip(ema_shards(run_dir, 10, 2), ema_shards(reference, 10, 2)):
+        assert_same(mine, theirs)  # nor the EMA, nor any random stream
+    records = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(s for s, r in records.items() if "unclip_validation_loss" in r) == [5, 10]
+    # the same figures in this process, from the trained weights of step 10, on one rank
+    from launch.config_files import load_config
+    from models import stages
+    from models.stages import StageContext
+    from trainer.engine import StageModule
+    from trainer.validation import Validator
+
+    resolved = load_config(run_dir / "config.yaml")
+    spec = stages.get("prior")
+    module = StageModule(spec, spec.build(resolved), StageContext())
+    assert not module.load_state_dict(weights, strict=False).unexpected_keys
+    values = Validator(resolved, spec, 0, 1, "cpu").run(module.eval())
+    assert len(values) == 5  # the loss and the prior's four cosines
+    for name, value in values.items():
+        assert records[10][f"unclip_validation_{name}"] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    # DeepSpeed's own monitors, offline: TensorBoard event files and CSV files under RUN_DIR
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard" / "tiny-prior"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("unclip/validation_loss")]
+    assert logged == [(s, pytest.approx(records[s]["unclip_validation_loss"], rel=1e-6)) for s in (5, 10)]
+    assert [e.step for e in events.Scalars("unclip/loss")] == list(range(1, 11))
+    assert "Train/Samples/lr" in events.Tags()["scalars"]  # DeepSpeed's own events beside ours
+    rows = (run_dir / "csv_monitor" / "tiny-prior" / "unclip_validation_prior_image_cosine.csv").read_text().split()
+    assert rows == ["step,validation_prior_image_cosine"] + [
+        f"{s},{records[s]['unclip_validation_prior_image_cosine']}" for s in (5, 10)
+    ]
+
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_decoder_trains_under_zero(zero_stage, tmp_path):
+    # validation with the CLIP score: 3 held-out batches over 2 ranks (one pads), sampled under
+    # ZeRO-3's gathered forwards, scored by the frozen CLIP the embeddings would come from
     job = merged(
         TINY_DECODER, deepspeed={"zero_stage": zero_stage, "timeout_s": 60},
+        model={**TINY_DECODER["model"], "image_embed_dim": 64}, clip={"name": "unclip-tiny"},
         train={"steps": 10, "micro_batch_size": 4, "log_every": 1, "seed": 0, "sample_every": 5},
         checkpoint={"every_steps": 5, "keep_last": 1},
+        validation={"every_steps": 5, "batches": 3, "sample_batches": 1, "sample_steps": 2},
     )
     config = write_job(tmp_path / "decoder.yaml", job)
     done = train(config, tmp_path / "run")
@@ -140,6 +194,15 @@ def test_decoder_trains_under_zero(zero_stage, tmp_path):
     grids = sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png"))
     assert grids == ["step_0000005.png", "step_0000010.png"]
     assert Image.open(tmp_path / "run" / "samples" / "step_0000010.png").size == (4 * 8, 2 * 8)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validated = [r for r in records if "unclip_validation_loss" in r]
+    assert [r["step"] for r in validated] == [5, 10]
+    for record in validated:
+        assert 0 <= record["unclip_validation_decoder_clip_score"] <= 1
+        assert -1 <= record["unclip_validation_decoder_image_cosine"] <= 1
+        assert math.isfinite(record["unclip_validation_loss"])
+    # the real images' score does not depend on the weights
+    assert validated[0]["unclip_validation_decoder_reference_clip_score"] == validated[1]["unclip_validation_decoder_reference_clip_score"]
 
 
 def test_prior_zero3_trains(tmp_path):

@@ -77,23 +77,62 @@ def test_prior_trains_on_precomputed_embeddings(shards, tmp_path):
     embeddings = tmp_path / "embeddings"
     cfg = PrecomputeConfig(clip={"name": "unclip-tiny"}, batch_size=32, text_encodings=True, num_workers=0)
     run_precompute(cfg, shards=shards, out=str(embeddings), rank=0, world_size=1, progress=False)
+    training, held_out = shards.replace("000003}", "000002}"), shards.replace("{000000..000003}", "000003")
     job = {
         "stage": "prior", "name": "tiny-prior-real",
         "model": {"kind": "diffusion", "embed_dim": 64, "text_width": 64, "max_text_len": 32, "dim": 32, "depth": 1,
                   "heads": 2, "dim_head": 16, "ff_mult": 2, "diffusion": {"timesteps": 100, "sample_steps": 10}},
         "clip": {"name": "unclip-tiny"},
-        "data": {"sources": [{"shards": shards, "embeddings": str(embeddings)}], "num_workers": 0, "shuffle_buffer": 16},
+        "data": {"sources": [{"shards": training, "embeddings": str(embeddings)}], "num_workers": 0, "shuffle_buffer": 16,
+                 "validation": [{"shards": held_out, "embeddings": str(embeddings)}]},
         "train": {"steps": 6, "micro_batch_size": 8, "log_every": 1},
         "optim": {"lr": 0.003, "schedule": "constant"},
         "deepspeed": {"zero_stage": 2, "timeout_s": 60},
         "checkpoint": {"every_steps": 3},
+        "validation": {"every_steps": 3, "batches": 2, "sample_steps": 4},  # the held-out shard's 16 samples
     }
     config = write_job(tmp_path / "prior.yaml", job)
     done = train(config, tmp_path / "run")
     assert done.returncode == 0, explain(done)
     assert sorted(losses(tmp_path / "run")) == list(range(1, 7))
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validated = {r["step"]: r for r in records if "unclip_validation_loss" in r}
+    assert sorted(validated) == [3, 6]
+    # the reference cosine is the held-out shard's own: every one of its samples, read apart
+    from data_pipeline.config import DataConfig
+    from data_pipeline.stream import build_loader
+
+    data = DataConfig(sources=[{"shards": held_out, "embeddings": str(embeddings)}], resampled=False, num_workers=0)
+    pairs = list(build_loader(data, batch_size=16, want={"image_embed", "text_embed"}))
+    assert len(pairs) == 1 and len(pairs[0]["key"]) == 16
+    cosine = torch.nn.functional.cosine_similarity(pairs[0]["image_embed"], pairs[0]["text_embed"]).mean()
+    for record in validated.values():
+        assert record["unclip_validation_prior_reference_text_cosine"] == pytest.approx(float(cosine), rel=1e-5)
+        assert -1 <= record["unclip_validation_prior_image_cosine"] <= 1
+    _check_one_pass_preparation(job)
     # the loader's position (per rank) is part of the checkpoint, for exact resume
     import json
 
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_0000006" / "rank_00001.json").read_text())["loader"]
     assert state["rank"] == 1 and state["world_size"] == 2
+
+
+def _check_one_pass_preparation(job: dict) -> None:
+    """A preparation reads one pass over the training data (48 samples here), and the
+    autoregressive prior's fit says so when it needs more."""
+    from launch.config_files import build_job
+    from models import stages
+    from models.config import ConfigError
+    from trainer.loop import open_loader
+
+    model = {k: v for k, v in job["model"].items() if k != "diffusion"}
+    ar = build_job({**job, "model": {**model, "kind": "autoregressive", "num_buckets": 16, "dot_buckets": 16,
+                                     "pca_fit_embeddings": 49}, "validation": {}})
+    spec = stages.get("prior")
+    fields = spec.preparation_fields(ar)
+    batches = list(open_loader(ar, spec, 0, 1, want=fields, one_pass=True))
+    assert sum(len(b["key"]) for b in batches) == 48 and set(batches[0]) == {"key", *fields}
+    with pytest.raises(ConfigError, match="on 49 training embeddings, but data.sources holds 48"):
+        spec.preparation(ar)(spec.build(ar), open_loader(ar, spec, 0, 1, want=fields, one_pass=True))

@@ -76,6 +76,30 @@ def test_deepspeed_json_is_derived_from_the_job():
     assert gpu["bf16"]["enabled"] and gpu["zero_optimization"]["reduce_bucket_size"] == int(5e8)
 
 
+def test_deepspeed_monitors_write_under_the_run_directory(tmp_path):
+    extra = {"tensorboard": {"enabled": True}, "csv_monitor": {"enabled": True, "output_path": "csv", "job_name": "mine"},
+             "wandb": {"enabled": False, "project": "p"}}
+    job = build_job(merged(TINY_PRIOR, deepspeed={"extra": extra}))
+    config = deepspeed_config(job, world_size=1, device="cpu", run_dir=tmp_path)
+    assert config["tensorboard"] == {"enabled": True, "job_name": "tiny-prior", "output_path": str(tmp_path / "tensorboard")}
+    assert config["csv_monitor"] == {"enabled": True, "job_name": "mine", "output_path": str(tmp_path / "csv")}
+    assert config["wandb"] == {"enabled": False, "project": "p"}  # DeepSpeed's own settings
+    assert job.deepspeed.extra["tensorboard"] == {"enabled": True}  # the job config is not touched
+    absolute = build_job(merged(TINY_PRIOR, deepspeed={"extra": {"tensorboard": {"enabled": True, "output_path": "/tb"}}}))
+    assert deepspeed_config(absolute, 1, "cpu", run_dir=tmp_path)["tensorboard"]["output_path"] == "/tb"
+
+
+def test_a_monitor_without_its_package_fails_at_config_load():
+    import importlib.util
+
+    from models.config import ConfigError
+
+    assert importlib.util.find_spec("comet_ml") is None
+    with pytest.raises(ConfigError, match=r"deepspeed.extra.comet: needs the comet_ml package \(pip install comet_ml\)"):
+        build_job(merged(TINY_PRIOR, deepspeed={"extra": {"comet": {"enabled": True}}}))
+    build_job(merged(TINY_PRIOR, deepspeed={"extra": {"comet": {"enabled": False}}}))
+
+
 def test_guarded_adamw_skips_non_finite_gradients():
     model = nn.Linear(2, 1)
     opt = GuardedAdamW(param_groups(model, 0.1), lr=0.1)

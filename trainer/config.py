@@ -8,6 +8,7 @@ is the stage's own, declared by its spec in `models/stages/`.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import Field
@@ -22,6 +23,7 @@ from models.config import (
     config_dataclass,
 )
 from models.stages import StageSpec
+from trainer.monitors import MONITOR_PACKAGES
 
 
 @config_dataclass
@@ -57,6 +59,13 @@ class DeepSpeedConfig:
     timeout_s: PositiveFloat = 600.0  # collectives (init and per step)
     extra: dict[str, Any] = Field(default_factory=dict)  # merged last into the DeepSpeed JSON
 
+    def __post_init__(self) -> None:
+        # DeepSpeed imports a monitor's package only when its engine starts, on rank 0: say so now
+        for section, package in MONITOR_PACKAGES.items():
+            monitor = self.extra.get(section)
+            if isinstance(monitor, dict) and monitor.get("enabled") and importlib.util.find_spec(package) is None:
+                raise ValueError(f"deepspeed.extra.{section}: needs the {package} package (pip install {package})")
+
 
 @config_dataclass
 class CheckpointConfig:
@@ -79,6 +88,20 @@ class MetricsConfig:
 
 
 @config_dataclass
+class ValidationConfig:
+    """Validation on fixed held-out batches (`data.validation`; synthetic ones for a job
+    without `data:`): the stage's loss with fixed timesteps and noise, and what the stage's
+    spec measures by sampling (`StageSpec.validation`)."""
+
+    every_steps: NonNegativeInt = 0  # 0: no validation; else every N steps and at the last
+    batches: PositiveInt = 4  # held-out batches of train.micro_batch_size, shared out over the ranks
+    # of those, how many are also sampled for the stage's sampled metrics; None: the stage's default
+    sample_batches: Optional[NonNegativeInt] = None
+    sample_steps: PositiveInt = 16  # diffusion steps of those samples (the stage's sampler)
+    seed: int = 0  # the held-out batches' timesteps and noise
+
+
+@config_dataclass
 class TrainJob:
     """Sections shared by every training stage; a stage's own (`stage`, `model`, ...) come
     from its spec (`job_class`)."""
@@ -94,6 +117,14 @@ class TrainJob:
     # run directory (its latest checkpoint's EMA). Ignored once the run has a checkpoint of
     # its own, which it resumes from (`trainer/init_from.py`).
     init_from: Optional[str] = None
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+
+    def __post_init__(self) -> None:
+        if self.validation.every_steps and self.data is not None and not self.data.validation:
+            raise ValueError(
+                "validation.every_steps needs held-out data: set data.validation (sources like data.sources, "
+                "never trained on), or validation.every_steps: 0"
+            )
 
 
 @functools.cache
@@ -105,4 +136,13 @@ def job_class(spec: StageSpec) -> type:
     """
     name = spec.config.__name__.removesuffix("StageConfig") + "Job"
     doc = f"A {spec.name} training job: {spec.config.__name__}'s sections and TrainJob's."
-    return config_dataclass(type(name, (spec.config, TrainJob), {"__module__": __name__, "__doc__": doc}))
+    bases = (spec.config, TrainJob)
+
+    def __post_init__(self) -> None:  # every base's checks: the MRO alone would run only the first
+        for base in bases:
+            check = base.__dict__.get("__post_init__")
+            if check is not None:
+                check(self)
+
+    namespace = {"__module__": __name__, "__doc__": doc, "__post_init__": __post_init__}
+    return config_dataclass(type(name, bases, namespace))

@@ -10,14 +10,16 @@ The optimizer is torch's AdamW passed as DeepSpeed's client optimizer: it works 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 
 from models.config import deep_merge
-from models.stages import Batch, StageContext, StageSpec
+from models.stages import Batch, Measure, StageContext, StageSpec
 from trainer.config import TrainJob
+from trainer.monitors import monitor_sections
 
 
 class StageModule(nn.Module):
@@ -38,8 +40,16 @@ class StageModule(nn.Module):
         self._context = context
         self.generator = torch.Generator()  # the stage's randomness (t, noise, CFG drops); checkpointed
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return self._spec.loss(self.model, batch, self.generator, self._context)
+    def forward(
+        self, batch: Batch, generator: Optional[torch.Generator] = None, measure: Optional[Measure] = None
+    ) -> Any:
+        """The stage's loss of `batch` (draws from `generator`, default the training stream);
+        with `measure`, its values instead (validation's sampled metrics). Either runs inside
+        this module's forward, where ZeRO-3 has gathered the weights."""
+        generator = self.generator if generator is None else generator
+        if measure is not None:
+            return measure(self.model, batch, generator)
+        return self._spec.loss(self.model, batch, generator, self._context)
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -52,9 +62,11 @@ DEFAULT_BUCKET = int(5e8)  # DeepSpeed's default communication bucket, in elemen
 
 
 def deepspeed_config(
-    job: TrainJob, world_size: int, device: str, *, n_params: Optional[int] = None, load_universal: bool = False
+    job: TrainJob, world_size: int, device: str, *, n_params: Optional[int] = None, load_universal: bool = False,
+    run_dir: Optional[Path] = None,
 ) -> dict[str, Any]:
-    """The DeepSpeed JSON for `job` on `world_size` ranks of `device` ('cpu' or 'cuda:N')."""
+    """The DeepSpeed JSON for `job` on `world_size` ranks of `device` ('cpu' or 'cuda:N');
+    DeepSpeed's file monitors write under `run_dir` (see `monitor_sections`)."""
     precision = resolve_precision(job.deepspeed.precision, device)
     ds = job.deepspeed
     # DeepSpeed allocates its buckets up front (2 GB in fp32 by default): a small model needs
@@ -85,7 +97,7 @@ def deepspeed_config(
         # exact class, so it must be told that the subclass is fine.
         "zero_allow_untested_optimizer": True,
     }
-    return deep_merge(config, ds.extra)
+    return monitor_sections(deep_merge(config, ds.extra), job.name, run_dir)
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -123,14 +135,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def build_engine(model: nn.Module, job: TrainJob, world_size: int, device: str, *, load_universal: bool = False):
+def build_engine(
+    model: nn.Module, job: TrainJob, world_size: int, device: str, *, load_universal: bool = False,
+    run_dir: Optional[Path] = None,
+):
     """Wrap `model` in a DeepSpeed engine with AdamW; return (engine, the DeepSpeed JSON)."""
     import deepspeed
 
     from trainer import safe_load
 
     n_params = count_parameters(model.parameters())
-    config = deepspeed_config(job, world_size, device, n_params=n_params, load_universal=load_universal)
+    config = deepspeed_config(job, world_size, device, n_params=n_params, load_universal=load_universal, run_dir=run_dir)
     optim = job.optim
     optimizer = GuardedAdamW(
         param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps

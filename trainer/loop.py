@@ -1,11 +1,11 @@
 """The training loop every stage shares, run once per rank.
 
     set up:  join the process group -> build the stage's model -> DeepSpeed engine -> EMA
-             -> data loader -> resume from the latest complete checkpoint (if any)
+             -> data loader -> resume from the latest complete checkpoint (if any) -> held-out set
     step:    LR -> grad_accum x (next batch, loss, backward) -> optimizer step (DeepSpeed
              skips it if a gradient is not finite) -> EMA -> agree across ranks on loss,
-             skips, stop requests and checkpoint clocks -> log -> checkpoint every N steps
-             and/or M minutes
+             skips, stop requests and checkpoint clocks -> validation every N steps -> log
+             -> checkpoint every N steps and/or M minutes
     stop:    at the last step, on SIGTERM/SIGINT (checkpoint, exit 0), or after too many
              non-finite steps in a row (checkpoint of the last good state, exit 1)
 """
@@ -39,6 +39,7 @@ from trainer.lr import lr_at
 from trainer.metrics import Metrics
 from trainer.samples import grid_path, keep_for_sampling, write_grid
 from trainer.synthetic import SyntheticLoader
+from trainer.validation import Validator
 
 
 class TrainingAborted(RuntimeError):
@@ -100,20 +101,27 @@ def batch_to(batch: dict[str, Any], device: str) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def open_loader(job: TrainJob, spec: StageSpec, rank: int, world_size: int) -> Batches:
-    """The job's data loader for this rank (synthetic data when the job has no `data:`)."""
-    wants = spec.fields(job)
+def open_loader(
+    job: TrainJob, spec: StageSpec, rank: int, world_size: int, *, want: Optional[frozenset[str]] = None,
+    one_pass: bool = False,
+) -> Any:
+    """The job's data loader for this rank (synthetic data when the job has no `data:`):
+    `Batches` with the loss's fields, or with `one_pass` an iterator that ends with one pass
+    over the data in a fixed order (a preparation's; `want`: its fields)."""
+    wants = spec.fields(job) if want is None else want
     if job.data is None:
         shapes = {k: v for k, v in spec.field_shapes(job).items() if k in wants}
-        return Batches(SyntheticLoader(shapes, batch_size=job.train.micro_batch_size, rank=rank, seed=job.train.seed))
+        loader = SyntheticLoader(shapes, batch_size=job.train.micro_batch_size, rank=rank, seed=job.train.seed)
+        return iter(loader) if one_pass else Batches(loader)
     from data_pipeline.stream import build_loader
 
     tokenizer = spec.tokenizer(job) if "tokens" in wants else None
     loader = build_loader(
-        job.data, batch_size=job.train.micro_batch_size, rank=rank, world_size=world_size, want=set(wants),
-        tokenizer=tokenizer, drop_last=True,  # every rank steps with full micro-batches
+        job.data.single_pass() if one_pass else job.data, batch_size=job.train.micro_batch_size, rank=rank,
+        world_size=world_size, want=set(wants), tokenizer=tokenizer,
+        drop_last=not one_pass,  # every rank steps with full micro-batches
     )
-    return Batches(loader)
+    return iter(loader) if one_pass else Batches(loader)
 
 
 class Trainer:
@@ -133,6 +141,7 @@ class Trainer:
         self.sample_batch: Optional[dict[str, Any]] = None  # rank 0: the conditions of every grid
         self.flops_per_sample: Optional[float] = None
         self.last_save = time.monotonic()  # checkpoint.every_minutes counts from here
+        self.validator: Optional[Validator] = None
 
     # ------------------------------------------------------------------ set-up
     def setup(self, resume: bool) -> None:
@@ -166,7 +175,9 @@ class Trainer:
         self.loader = open_loader(job, self.spec, self.rank, self.world_size)
         if meta is None and job.init_from is None:  # initial weights bring their prepared buffers
             self._prepare(model)
-        self.engine, self.ds_config = build_engine(self.module, job, self.world_size, self.device, load_universal=universal)
+        self.engine, self.ds_config = build_engine(
+            self.module, job, self.world_size, self.device, load_universal=universal, run_dir=self.run_dir
+        )
         self.optimizer_guard = self.engine.client_optimizer if hasattr(self.engine, "client_optimizer") else None
         self._register_direct_parameters(model)
         self.ema = ShardedEMA(self.engine.module, job.train.ema_decay, self.rank, self.world_size)
@@ -174,7 +185,12 @@ class Trainer:
         rng.seed_everything(job.train.seed * 1000 + self.rank, self.module.generator)
         if meta is not None:
             self._restore(resume_dir, meta, universal)
-        self.metrics = Metrics(job.name, job.stage, self.rank, self.world_size, self.run_dir, job.metrics, self.info.local_rank)
+        if job.validation.every_steps:
+            self.validator = Validator(job, self.spec, self.rank, self.world_size, self.device)
+        self.metrics = Metrics(
+            job.name, job.stage, self.rank, self.world_size, self.run_dir, job.metrics, self.info.local_rank,
+            monitor=getattr(self.engine, "monitor", None),
+        )
         self.metrics.start()
         self.stop.install()
 
@@ -195,7 +211,8 @@ class Trainer:
         if prepare is None:
             return
         if self.rank == 0:
-            prepare(model, open_loader(self.job, self.spec, 0, 1))
+            fields = self.spec.preparation_fields(self.job) if self.spec.preparation_fields else None
+            prepare(model, open_loader(self.job, self.spec, 0, 1, want=fields, one_pass=True))
         buffers = {k: v.cpu() for k, v in model.named_buffers() if _persistent(model, k)}
         buffers = dist.broadcast_object(buffers)
         if self.rank != 0:
@@ -317,7 +334,7 @@ class Trainer:
         else:
             self.consecutive_nonfinite = 0
             self.ema.update(self.step)
-        self._log(loss, flags)
+        self._log(loss, flags, self._validate())
         if self.sample_every and self.step % self.sample_every == 0:
             self._sample()
         if flags["stop"]:
@@ -329,12 +346,14 @@ class Trainer:
             self.save()
         return False
 
-    def _log(self, loss: float, flags: dict[str, Any]) -> None:
+    def _log(self, loss: float, flags: dict[str, Any], validation: Optional[dict[str, float]] = None) -> None:
         w = self.window
         w["steps"] += 1
         w["step_time_s"] += flags["step_time_s"]
         w["data_wait_s"] += flags["data_wait_s"]
-        if self.step % self.job.train.log_every and self.step != self.job.train.steps:
+        self.metrics.observe_step(flags["step_time_s"])
+        # a validation step is a logging step: its values go out with the step they belong to
+        if self.step % self.job.train.log_every and self.step != self.job.train.steps and not validation:
             return
         grad_norm = None if flags["skipped"] else self.engine.get_global_grad_norm()
         skipped_samples = getattr(self.loader, "skipped", None)
@@ -352,8 +371,26 @@ class Trainer:
                 step_time_s=w["step_time_s"] / w["steps"],
                 data_wait_s=w["data_wait_s"] / w["steps"],
                 flops_per_sample=self.flops_per_sample,
+                validation=validation or {},
             )
         self.window = {"steps": 0, "step_time_s": 0.0, "data_wait_s": 0.0}
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> Optional[dict[str, float]]:
+        """The held-out metrics at this step when due (a collective: every rank), else None.
+        Eval mode, own generators, the training streams forked off: training after a
+        validation is bit-identical to training without one."""
+        if self.validator is None or not self.validator.due(self.step):
+            return None
+        started = time.perf_counter()
+        self.engine.eval()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                values = self.validator.run(self.engine)
+        finally:
+            self.engine.train()
+        values["seconds"] = time.perf_counter() - started
+        return values
 
     def _on_nonfinite(self) -> None:
         self.nonfinite_total += 1

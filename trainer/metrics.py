@@ -8,11 +8,16 @@ sees them (step, lr, grad norm, skipped steps, checkpoints). Rank 0 serves on `c
 per-rank exporters serve on port + local rank; `cfg.pushgateway` pushes instead, off the step
 path. Counters carry the run's absolute totals (as in metrics.jsonl and checkpoints), so a
 resume looks like a counter reset: dashboards read the samples/s gauge, not rate().
+Validation values (trainer/validation.py) arrive already job-wide and are exported like the
+learning rate. The step-time histogram observes every step's own time (`observe_step`); the
+gauges and metrics.jsonl carry window means. With DeepSpeed's monitors enabled (`deepspeed.extra`:
+tensorboard, csv_monitor, wandb) every logged value also goes to them as `unclip/<name>`.
 Serving, labels and the metric table: configs/monitoring/README.md.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -31,7 +36,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from data_pipeline.stats import REASONS as DATA_SKIP_REASONS
 from trainer.flops import measure_peak_flops
-from trainer.report import console_line, plot_run
+from trainer.monitors import monitor_events
+from trainer.report import VALIDATION_PREFIX, console_line, plot_run
 
 log = logging.getLogger("unclip.metrics")
 
@@ -65,7 +71,7 @@ SPECS: dict[str, MetricSpec] = {
     "unclip_grad_norm": _g("Global gradient norm before clipping at the logging step."),
     "unclip_steps_total": MetricSpec("counter", "Optimizer steps done by the run."),
     "unclip_samples_total": MetricSpec("counter", "Training samples consumed by the run (rank all: sum)."),
-    "unclip_step_time_seconds": MetricSpec("histogram", "Wall seconds per optimizer step, data wait included (window means, one count per step)."),
+    "unclip_step_time_seconds": MetricSpec("histogram", "Wall seconds per optimizer step, data wait included (each step observed; rank all: rank 0's)."),
     "unclip_data_wait_seconds": _g("Seconds per step spent waiting for the data loader (window mean)."),
     "unclip_data_wait_ratio": _g("Share of the step time spent waiting for data, 0-1."),
     "unclip_samples_per_second": _g("Training samples per second while stepping (rank all: sum)."),
@@ -87,6 +93,8 @@ SPECS: dict[str, MetricSpec] = {
     "unclip_precompute_samples_total": MetricSpec("counter", "Samples embedded by the CLIP precompute job."),
     "unclip_precompute_shards_total": MetricSpec("counter", "Shards finished by the CLIP precompute job."),
     "unclip_precompute_samples_per_second": _g("CLIP precompute samples per second since start."),
+    "unclip_validation_loss": _g("The stage's loss on the fixed held-out batches (eval mode, fixed timesteps and noise), job mean."),
+    "unclip_validation_seconds": _g("Wall seconds of the last validation."),
 }
 
 _MEAN_KEYS = ("unclip_loss", "unclip_step_time_seconds", "unclip_data_wait_seconds")
@@ -97,10 +105,23 @@ _GAUGE = MetricSpec("gauge", "Loss component reported by the training stage.")
 _CHECKPOINT_KEYS = ("unclip_checkpoints_saved_total", "unclip_checkpoint_save_seconds", "unclip_last_checkpoint_step", "unclip_last_checkpoint_timestamp_seconds")
 
 
+@functools.cache
+def metric_specs() -> dict[str, MetricSpec]:
+    """SPECS and every stage's sampled validation metrics (`StageSpec.validation`)."""
+    from models import stages
+
+    out = dict(SPECS)
+    for stage in stages.names():
+        validation = stages.get(stage).validation
+        for name, help in validation.metrics if validation is not None else ():
+            out[VALIDATION_PREFIX + name] = _g(help)
+    return out
+
+
 def exported_names() -> set[str]:
     """Every sample name the exporter can emit (histograms as _bucket/_sum/_count)."""
     names = set()
-    for name, spec in SPECS.items():
+    for name, spec in metric_specs().items():
         if spec.kind == "histogram":
             names.update(name + suffix for suffix in ("_bucket", "_sum", "_count"))
         else:
@@ -134,10 +155,10 @@ class _Histogram:
         self.counts = [0] * (len(STEP_TIME_BUCKETS) + 1)
         self.sum = 0.0
 
-    def observe(self, value: float, n: int) -> None:
+    def observe(self, value: float) -> None:
         index = next((i for i, le in enumerate(STEP_TIME_BUCKETS) if value <= le), len(STEP_TIME_BUCKETS))
-        self.counts[index] += n
-        self.sum += value * n
+        self.counts[index] += 1
+        self.sum += value
 
     def family_buckets(self) -> list[tuple[str, float]]:
         cumulative, out = 0, []
@@ -159,8 +180,9 @@ class _Collector:
             series = dict(owner._series)
             hists = {rank: (h.family_buckets(), h.sum) for rank, h in owner._hists.items()}
         families: dict[str, Any] = {}
+        specs = metric_specs()
         for (name, rank, reason), value in sorted(series.items()):
-            spec = SPECS.get(name, _GAUGE)
+            spec = specs.get(name, _GAUGE)
             labels = list(LABELS) + (["reason"] if spec.by_reason else [])
             family = families.get(name)
             if family is None:
@@ -229,12 +251,15 @@ class Metrics:
 
     def __init__(
         self, job: str, stage: str, rank: int, world_size: int, run_dir: Optional[Path], cfg: Any, local_rank: int = 0,
-        *, per_rank: Optional[bool] = None, console: bool = True, push_interval_s: float = 5.0,
+        *, per_rank: Optional[bool] = None, console: bool = True, push_interval_s: float = 5.0, monitor: Any = None,
     ) -> None:  # fmt: skip
         if not 0 <= rank < world_size:
             raise ValueError(f"Metrics: rank {rank} is outside world_size {world_size}")
         self.job, self.stage, self.rank, self.world_size = job, stage, rank, world_size
         self.local_rank, self.cfg, self.console = local_rank, cfg, console
+        self.monitor = monitor  # DeepSpeed's MonitorMaster (TensorBoard, CSV, W&B), or None
+        self._monitor_failures = 0
+        self._step_ranks = [str(rank)]  # whose step-time histograms a step goes to (see start())
         self.push_interval_s = push_interval_s
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if per_rank is None:
@@ -269,6 +294,9 @@ class Metrics:
         # ranks that never meet in a process group (a precompute job array) cannot send their
         # values to rank 0, so each of them serves its own
         self.exports = self.exports or not self._joined()
+        # steps are synchronous (every step ends in an all-reduce), so rank 0's step times are
+        # the job's: its histogram stands for the job where it speaks for the job
+        self._step_ranks = [str(self.rank)] + ([AGGREGATE_RANK] if self.rank == 0 and self._joined() else [])
         if self.exports and self.cfg.pushgateway:
             instance = f"{self.stage}-rank{self.rank}"
             self._pusher = _Pusher(self.cfg.pushgateway, self.job, instance, self.registry, self.push_interval_s)
@@ -309,9 +337,16 @@ class Metrics:
         self.close()
 
     # ----------------------------------------------------------------- training
+    def observe_step(self, seconds: float) -> None:
+        """One optimizer step took `seconds` (wall, data wait included): the step-time histogram."""
+        with self._lock:
+            for rank in self._step_ranks:
+                self._hists.setdefault(rank, _Histogram()).observe(seconds)
+
     def log_step(
         self, step: int, *, loss: float, samples_total: int, lr: float, grad_norm: Optional[float],
         step_time_s: float, data_wait_s: float, components: Mapping[str, float] = {}, flops_per_sample: Optional[float] = None,
+        validation: Mapping[str, float] = {},
     ) -> Optional[dict[str, Any]]:  # fmt: skip
         """Record a logging step. A collective: call it on every rank at the same steps.
 
@@ -319,13 +354,15 @@ class Metrics:
         `step_time_s` / `data_wait_s` = mean wall seconds per step over the steps since the
         previous logging step (data wait is part of step time), `components` the loss terms
         (same keys on every rank). `flops_per_sample` once known (see trainer/flops.py) is
-        kept for later steps. Returns the job record written to metrics.jsonl (rank 0).
+        kept for later steps. `validation`: job-wide values of a validation at this step
+        (`loss`, `seconds`, the stage's metrics; trainer/validation.py), exported as
+        `unclip_validation_<key>`. Returns the job record written to metrics.jsonl (rank 0).
         """
         if flops_per_sample is not None:
             self._flops_per_sample = float(flops_per_sample)
         if self._flops_per_sample is not None and self._peak is None:
             self._peak = measure_peak_flops()
-        steps_in_window, per_step = self._window(step, samples_total, step_time_s)
+        per_step = self._window(step, samples_total)
         rate = per_step / step_time_s if step_time_s > 0 else 0.0
         used, peak_mem = memory_bytes()
         flops = self._flops_per_sample * rate if self._flops_per_sample is not None else 0.0
@@ -349,13 +386,14 @@ class Metrics:
             shared["unclip_grad_norm"] = float(grad_norm)
         if self._flops_per_sample is not None:
             shared["unclip_flops_per_sample"] = self._flops_per_sample
+        shared.update({VALIDATION_PREFIX + k: float(v) for k, v in validation.items()})
         mine = self._derive({**local, **shared})
         # only rank 0 speaks for the job: another rank's copy would be a duplicate series
         job = self._derive({**job_values, **shared}) if job_values is not None and self.rank == 0 else None
         with self._lock:
-            self._publish(str(self.rank), mine, skips, steps_in_window)
+            self._publish(str(self.rank), mine, skips)
             if job is not None:
-                self._publish(AGGREGATE_RANK, job, job_skips, steps_in_window)
+                self._publish(AGGREGATE_RANK, job, job_skips)
         self._request_push()
         if self.rank != 0:
             return None
@@ -365,7 +403,18 @@ class Metrics:
             self._jsonl.write(json.dumps(record) + "\n")
         if self.console:
             print(console_line(record), flush=True)
+        self._write_monitors(record)
         return record
+
+    def _write_monitors(self, record: dict[str, Any]) -> None:
+        if self.monitor is None or not getattr(self.monitor, "enabled", False):
+            return
+        try:
+            self.monitor.write_events(monitor_events(record))
+        except Exception as err:  # a monitoring outage (W&B's network) must never stop training
+            self._monitor_failures += 1
+            if self._monitor_failures == 1 or self._monitor_failures % 100 == 0:
+                log.warning("metrics: DeepSpeed monitor write failed (%d so far): %s", self._monitor_failures, err)
 
     def count_skipped_step(self, reason: str) -> None:
         """One optimizer step skipped (e.g. non-finite loss); the decision is job-wide."""
@@ -437,18 +486,12 @@ class Metrics:
         job = {k: v / self.world_size if k in mean_keys else v for k, v in zip(keys, values)}
         return job, values[len(keys) :]
 
-    def _window(self, step: int, samples_total: int, step_time_s: float) -> tuple[int, float]:
-        """(steps this process did since the last logging step, samples per step in them)."""
+    def _window(self, step: int, samples_total: int) -> float:
+        """Samples per step since the last logging step (at the first: over the whole run)."""
         previous, self._prev = self._prev, (step, samples_total)
         if previous is not None:
-            steps = max(1, step - previous[0])
-            return steps, (samples_total - previous[1]) / steps
-        # first logging step: a resumed run's totals include steps of earlier processes;
-        # count only the steps that fit in the time since start(), so the step-time
-        # histogram counts this process's steps (a fresh run: exactly `step`)
-        elapsed = time.time() - self._started_at
-        steps = max(1, min(step, round(elapsed / step_time_s))) if step_time_s > 0 else max(1, step)
-        return steps, samples_total / max(1, step)
+            return (samples_total - previous[1]) / max(1, step - previous[0])
+        return samples_total / max(1, step)
 
     def _derive(self, values: dict[str, float]) -> dict[str, float]:
         """Add the ratios; drop FLOP figures until FLOPs per sample are known."""
@@ -462,11 +505,9 @@ class Metrics:
             out["unclip_mfu_ratio"] = out["unclip_model_flops_per_second"] / out["unclip_peak_flops_per_second"]
         return out
 
-    def _publish(self, rank: str, values: dict[str, float], skips: list[float], steps: int) -> None:
+    def _publish(self, rank: str, values: dict[str, float], skips: list[float]) -> None:
         for name, value in values.items():
-            if name == "unclip_step_time_seconds":
-                self._hists.setdefault(rank, _Histogram()).observe(value, steps)
-            else:
+            if name != "unclip_step_time_seconds":  # a histogram, observed at every step
                 self._series[(name, rank, "")] = value
         for reason, n in zip(SAMPLE_SKIP_REASONS, skips):
             if n or ("unclip_skipped_samples_total", rank, reason) in self._series:
@@ -513,4 +554,4 @@ class NullMetrics:
     def _ignore(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    log_step = count_skipped_step = set_skipped_samples = checkpoint_saved = precompute_progress = close = _ignore
+    log_step = observe_step = count_skipped_step = set_skipped_samples = checkpoint_saved = precompute_progress = close = _ignore

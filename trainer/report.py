@@ -1,6 +1,8 @@
-"""What a person looks at: the console line and the loss/throughput curves.
+"""What a person looks at: the console line and `RUN_DIR/report.png`.
 
-Drawn with PIL only (no matplotlib): two curves do not need a plotting library. Sample
+The curves are drawn with matplotlib's object API on its Agg canvas (no display, no pyplot
+global state, safe in any process): axes, ticks, legends and layout are what a plotting
+library is for. It is imported when a report is drawn, not by every rank at start. Sample
 grids are laid out by `models.images`.
 """
 
@@ -12,7 +14,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 
 def console_line(record: Mapping[str, Any]) -> str:
@@ -30,6 +31,8 @@ def console_line(record: Mapping[str, Any]) -> str:
     parts.append(f"{num('unclip_step_time_seconds', '.0f', 1000)} ms/step (data {num('unclip_data_wait_ratio', '.0%')})")
     if "unclip_mfu_ratio" in record:
         parts.append(f"MFU {num('unclip_mfu_ratio', '.1%')}")
+    if "unclip_validation_loss" in record:
+        parts.append(f"val loss {num('unclip_validation_loss', '.4g')}")
     parts.append(f"mem {num('unclip_memory_used_bytes', '.2f', 2**-30)} GiB")
     skipped = sum(record.get("unclip_skipped_samples_total", {}).values())
     if skipped:
@@ -55,68 +58,6 @@ def read_metrics(path: Path | str) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About `count` round tick values (1, 2, 5 x 10^k apart) covering [lo, hi]."""
-    if not hi > lo:
-        return [lo]
-    raw = (hi - lo) / max(1, count - 1)
-    base = 10 ** math.floor(math.log10(raw))
-    step = min((m * base for m in (1, 2, 5, 10)), key=lambda candidate: abs(candidate - raw))
-    first = math.ceil(lo / step - 1e-9) * step
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-def _text_size(font: Any, text: str) -> tuple[int, int]:
-    left, top, right, bottom = font.getbbox(text)
-    return right - left, bottom - top
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
-
-
-def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, xs: list[float], ys: list[float]) -> None:
-    """Axes, ticks and the curve (raw in light blue, a moving average in dark blue)."""
-    font = ImageFont.load_default()
-    left, top, right, bottom = box
-    draw.text((left, top - 18), title, fill="black", font=font)
-    draw.rectangle(box, outline="black")
-    points = [(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
-    if not points:
-        draw.text((left + 10, top + 10), "no finite values", fill="gray", font=font)
-        return
-    x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
-    y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
-    if x_hi == x_lo:
-        x_hi = x_lo + 1
-    if y_hi == y_lo:
-        y_lo, y_hi = y_lo - 0.5 * (abs(y_lo) or 1), y_hi + 0.5 * (abs(y_hi) or 1)
-    y_pad = 0.05 * (y_hi - y_lo)
-    y_lo, y_hi = y_lo - y_pad, y_hi + y_pad
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return left + (x - x_lo) / (x_hi - x_lo) * (right - left), bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top)
-
-    for tick in nice_ticks(y_lo, y_hi):
-        _, py = at(x_lo, tick)
-        draw.line([(left, py), (right, py)], fill=(230, 230, 230))
-        draw.line([(left - 4, py), (left, py)], fill="black")
-        draw.text((left - 8 - _text_size(font, _fmt(tick))[0], py - 6), _fmt(tick), fill="black", font=font)
-    for tick in nice_ticks(x_lo, x_hi):
-        px, _ = at(tick, y_lo)
-        draw.line([(px, bottom), (px, bottom + 4)], fill="black")
-        label = _fmt(tick)
-        draw.text((px - _text_size(font, label)[0] / 2, bottom + 6), label, fill="black", font=font)
-    raw = [at(x, y) for x, y in points]
-    smooth = [at(x, y) for x, y in zip((p[0] for p in points), moving_average([p[1] for p in points]))]
-    if len(raw) == 1:
-        x, y = raw[0]
-        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(20, 60, 160))
-        return
-    draw.line(raw, fill=(150, 180, 230), width=1)
-    draw.line(smooth, fill=(20, 60, 160), width=2)
-
-
 def moving_average(values: Sequence[float], window: Optional[int] = None) -> list[float]:
     """Trailing mean over `window` values (default: a twentieth of the series)."""
     window = window or max(1, len(values) // 20)
@@ -127,25 +68,80 @@ def moving_average(values: Sequence[float], window: Optional[int] = None) -> lis
 
 
 def plot_curves(records: Sequence[Mapping[str, Any]], path: Path | str, title: str = "") -> Path:
-    """Loss and samples/s against step, two panels in one PNG."""
+    """Loss with validation loss, the stage's sampled validation metrics (if any) and samples/s
+    against step, one panel each, in one PNG."""
     if not records:
         raise ValueError("plot_curves: no records to draw")
-    width, height = 1000, 720
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    draw.text((20, 10), title, fill="black", font=font)
-    steps = [float(r["step"]) for r in records]
-    panels = [("loss", "unclip_loss"), ("samples/s (job)", "unclip_samples_per_second")]
-    for i, (label, key) in enumerate(panels):
-        top = 60 + i * 330
-        values = [math.nan if r.get(key) is None else float(r[key]) for r in records]
-        _panel(draw, (90, top, width - 30, top + 260), label, steps, values)
-        draw.text(((width - 30 + 90) / 2 - 12, top + 280), "step", fill="black", font=font)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sampled = sorted({k for r in records for k in r if k.startswith(VALIDATION_PREFIX)} - set(_NOT_SAMPLED))
+    panels = [_loss_panel] + ([lambda ax, rs: _metrics_panel(ax, rs, sampled)] if sampled else []) + [_throughput_panel]
+    height = 0.6 + 2.8 * len(panels)
+    figure = Figure(figsize=(10, height), dpi=100)
+    FigureCanvasAgg(figure)  # Agg renders to a buffer: no display, no pyplot state
+    # a fixed layout: matplotlib's layout engines cost more than drawing the curves
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.45 / height, top=1 - 0.5 / height, hspace=0.3)
+    axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, panel in zip(axes, panels):
+        panel(ax, records)
+        ax.grid(True, color="0.9")
+    axes[-1].set_xlabel("step")
+    figure.suptitle(title, fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    figure.savefig(path)
     return path
+
+
+VALIDATION_PREFIX = "unclip_validation_"
+_NOT_SAMPLED = ("unclip_validation_loss", "unclip_validation_seconds")
+
+
+def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the records that logged a finite `key`."""
+    points = [(float(r["step"]), float(r[key])) for r in records if isinstance(r.get(key), (int, float))]
+    points = [(x, y) for x, y in points if math.isfinite(y)]
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def _curve(ax: Any, records: Sequence[Mapping[str, Any]], key: str, label: str, color: str) -> None:
+    """Raw values (light) under their moving average (dark)."""
+    xs, ys = _series(records, key)
+    if len(xs) == 1:
+        ax.plot(xs, ys, "o", color=color, label=label)
+    elif xs:
+        ax.plot(xs, ys, color=color, alpha=0.3, linewidth=1)
+        ax.plot(xs, moving_average(ys), color=color, linewidth=2, label=label)
+
+
+def _loss_panel(ax: Any, records: Sequence[Mapping[str, Any]]) -> None:
+    _curve(ax, records, "unclip_loss", "training loss", "tab:blue")
+    xs, ys = _series(records, "unclip_validation_loss")
+    if xs:
+        ax.plot(xs, ys, "o-", color="tab:orange", markersize=4, label="validation loss (held out)")
+    _finish(ax, "loss")
+
+
+def _metrics_panel(ax: Any, records: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:
+    for key in keys:
+        xs, ys = _series(records, key)
+        reference = "reference" in key  # the data's own figure: a level to reach, drawn dashed
+        ax.plot(xs, ys, "--" if reference else "o-", markersize=4, label=key.removeprefix(VALIDATION_PREFIX))
+    _finish(ax, "validation (sampled)")
+
+
+def _throughput_panel(ax: Any, records: Sequence[Mapping[str, Any]]) -> None:
+    _curve(ax, records, "unclip_samples_per_second", "samples/s (job)", "tab:green")
+    _finish(ax, "throughput")
+
+
+def _finish(ax: Any, title: str) -> None:
+    ax.set_title(title, fontsize=10, loc="left")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no finite values", transform=ax.transAxes, ha="center", color="gray")
 
 
 def plot_run(run_dir: Path | str) -> Path:

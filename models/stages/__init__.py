@@ -4,9 +4,10 @@ A module `models/stages/<name>.py` defines `SPEC`, a `StageSpec`: the sections o
 file beyond the shared training ones (`stage`, `model`, and `clip` where it conditions on
 a frozen CLIP), how to build its model, the loss of a batch, the batch fields that loss
 reads and their shapes, what must happen before training (the autoregressive prior's PCA
-fit), its sample grid, its place in the sampling pipeline and how it loads there, and what
-the memory plan needs to know. The training loop, the config loader, the memory plan and
-the sampling loader read specs and never name a stage: adding a stage is adding a module.
+fit), its sample grid, its place in the sampling pipeline and how it loads there, what the
+memory plan needs to know, and what its validation measures by sampling held-out batches.
+The training loop, the config loader, the memory plan and the sampling loader read specs
+and never name a stage: adding a stage is adding a module.
 
 Pure PyTorch like the rest of `models/`: sampling imports this without the trainer.
 """
@@ -39,6 +40,28 @@ class StageContext:
 
 Loss = Callable[[nn.Module, Batch, Optional[torch.Generator], StageContext], Tensor]
 Preparation = Callable[[nn.Module, Iterator[Batch]], None]
+# (model, held-out batch, generator) -> {metric: per-item values [B], float32}
+Measure = Callable[[nn.Module, Batch, torch.Generator], dict[str, Tensor]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """What a stage measures on held-out batches by sampling from the model, beyond the loss
+    that every stage's validation computes (trainer/validation.py runs both).
+
+    `metrics`: (name, meaning with its unit) pairs, exported as `unclip_validation_<name>`;
+    each name starts with the stage's name. A measure returns per-item values, so the job's
+    figure is an exact mean over every rank's items.
+    """
+
+    metrics: tuple[tuple[str, str], ...]
+    # (cfg, device, sample_steps) -> the measure, made once per run (e.g. loads a frozen CLIP)
+    build: Callable[[Any, str, int], Measure]
+    # cfg -> per-sample shapes of the batch fields the measure reads beyond the loss's
+    field_shapes: Callable[[Any], dict[str, tuple[int, ...]]] = lambda cfg: {}
+    # held-out batches sampled when the job leaves `validation.sample_batches` unset
+    # (None: all of them)
+    sample_batches: Optional[int] = None
 
 
 def load_weights(model: nn.Module, state: dict[str, Tensor], where: str) -> nn.Module:
@@ -70,8 +93,11 @@ class StageSpec:
     fields: Callable[[Any], frozenset[str]]  # cfg -> batch keys the loss reads
     field_shapes: Callable[[Any], dict[str, tuple[int, ...]]]  # cfg -> per-sample shape of each field
     role: Role  # its place in the sampling pipeline
-    # cfg -> what runs once before the first step (rank 0, on the training data), or None
+    # cfg -> what runs once before the first step (rank 0, on one pass over the training
+    # data: its iterator ends where the data does), or None
     preparation: Callable[[Any], Optional[Preparation]] = lambda cfg: None
+    # cfg -> the batch fields the preparation reads (default: the loss's `fields`)
+    preparation_fields: Optional[Callable[[Any], frozenset[str]]] = None
     # (model, batch, generator) -> rows of images [n, 3, H, W] in [-1, 1] for RUN_DIR/samples/
     sample_grid: Optional[Callable[[nn.Module, Batch, torch.Generator], list[Tensor]]] = None
     # cfg -> the precomputed CLIP embeddings it reads, as its config states them (the preflight
@@ -84,6 +110,8 @@ class StageSpec:
     # (model, cfg, micro_batch) -> the training loss on `meta` tensors, for stages whose own
     # loss cannot run there (the memory plan; default: `loss` on a batch of `field_shapes`)
     meta_loss: Optional[Callable[[nn.Module, Any, int], Tensor]] = None
+    # its sampled validation metrics (the prior's embedding cosines, the decoder's CLIP score)
+    validation: Optional[Validation] = None
 
     def stage_config(self, data: dict[str, Any], source: str = "") -> Any:
         """The stage's sections of a (possibly whole) job config dict, validated."""

@@ -5,6 +5,11 @@ It learns from images with their precomputed CLIP image embeddings and, unless
 `model.use_text_embed` (Karlo's decoder) also the caption's CLIP text embedding. Its sample
 grid decodes the embeddings of real images: the first row shows those images, the second
 what the decoder makes of their embeddings.
+
+Validation can score decoded held-out embeddings with the job's frozen CLIP (`clip:`, the
+one that made the embeddings): the CLIP score against the captions, and the cosine with the
+embedding decoded. It loads that CLIP beside the decoder and samples, so it is off unless
+`validation.sample_batches` is set.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ import dataclasses
 from typing import Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from models.clip import ClipConfig, ClipExpectation
+from models.clip import ClipConfig, ClipExpectation, load_clip_from_config
 from models.config import config_dataclass
 from models.decoder import Decoder, DecoderConfig
-from models.stages import Batch, StageContext, StageSpec
+from models.stages import Batch, Measure, StageContext, StageSpec, Validation
 from models.stages._clip_outputs import embedding_convention, in_order, set_null_caption
 from models.stages._text import text_conditions
 
@@ -94,7 +100,48 @@ def preparation(cfg: DecoderStageConfig):
     return in_order([set_null_caption(cfg.clip, lambda model: model.null_caption)])
 
 
+def validation_measure(cfg: DecoderStageConfig, device: str, sample_steps: int) -> Measure:
+    clip = load_clip_from_config(cfg.clip, device=device)
+    if clip.embed_dim != cfg.model.image_embed_dim:
+        raise ValueError(
+            f"clip: {cfg.clip.name} embeds to {clip.embed_dim} dimensions, model.image_embed_dim is "
+            f"{cfg.model.image_embed_dim}: the validation CLIP score needs the CLIP that made the embeddings"
+        )
+    steps = min(sample_steps, cfg.model.diffusion.timesteps)
+
+    def measure(model: nn.Module, batch: Batch, generator: torch.Generator) -> dict[str, Tensor]:
+        samples = model.sample(batch["image_embed"], **text_conditions(batch), steps=steps, generator=generator)
+        return clip_scores(clip.encode_image(samples), clip.encode_image(batch["image"]), batch["image_embed"], batch["text_embed"])
+
+    return measure
+
+
+def clip_scores(sampled: Tensor, real: Tensor, image_embed: Tensor, text_embed: Tensor) -> dict[str, Tensor]:
+    """Per-item scores `[B]` from CLIP image embeddings `[B, D]` of the decoder's samples and
+    of the real held-out images (both through the same resize), the embeddings decoded and the
+    captions' text embeddings. CLIP score = max(cosine with the caption, 0) (Hessel et al.
+    2021, without the x100 of display)."""
+    sampled, real, image, text = (F.normalize(x.float(), dim=-1) for x in (sampled, real, image_embed, text_embed))
+    return {
+        "decoder_clip_score": (sampled * text).sum(-1).clamp(min=0),
+        "decoder_reference_clip_score": (real * text).sum(-1).clamp(min=0),
+        "decoder_image_cosine": (sampled * image).sum(-1),
+    }
+
+
+VALIDATION = Validation(
+    metrics=(
+        ("decoder_clip_score", "CLIP score of decoded held-out embeddings: max(cosine with the caption, 0), 0..1."),
+        ("decoder_reference_clip_score", "CLIP score of the real held-out images at the decoder's resolution, 0..1."),
+        ("decoder_image_cosine", "Cosine of the CLIP embedding of each decoded image and the embedding it decoded (-1..1)."),
+    ),
+    build=validation_measure,
+    field_shapes=lambda cfg: {"text_embed": (cfg.model.image_embed_dim,)},
+    sample_batches=0,  # loads the frozen CLIP beside the decoder: on request only
+)
+
+
 SPEC = StageSpec(
     name="decoder", config=DecoderStageConfig, build=build, loss=loss, fields=fields, field_shapes=field_shapes,
-    role="decoder", sample_grid=sample_grid, embeddings=embeddings, preparation=preparation,
+    role="decoder", sample_grid=sample_grid, embeddings=embeddings, preparation=preparation, validation=VALIDATION,
 )

@@ -4,6 +4,14 @@ Two kinds share the stage (`model.kind`): the diffusion prior and the autoregres
 (PCA codes); both read the caption's CLIP text embedding and, unless
 `model.use_text_encodings` is false, its per-token encodings, and learn from precomputed
 CLIP image embeddings. The autoregressive prior fits its PCA and buckets before training.
+
+Validation samples embeddings for held-out captions with the prior's own sampler (as the
+pipeline would, at `validation.sample_steps` for the diffusion prior, one candidate) and
+reports the cosines LAION's prior runs report. Sampling, not the x0 prediction at a fixed
+timestep: the x0 prediction at one noise level is a regression to the conditional mean
+(near t = T it scores well while samples may be poor), it says nothing about the sampler's
+schedule and guidance, and the autoregressive prior has no timestep at all; what the decoder
+receives is a sample, so that is what is scored.
 """
 
 from __future__ import annotations
@@ -12,13 +20,14 @@ import logging
 from typing import Annotated, Any, Iterator, Literal, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from pydantic import Discriminator, Field, Tag
 from torch import Tensor, nn
 
 from models.clip import ClipConfig, ClipExpectation
-from models.config import config_dataclass
+from models.config import ConfigError, config_dataclass
 from models.prior import ARPrior, ARPriorConfig, DiffusionPrior, DiffusionPriorConfig
-from models.stages import Batch, StageContext, StageSpec
+from models.stages import Batch, Measure, StageContext, StageSpec, Validation
 from models.stages._clip_outputs import embedding_convention, fit_clip_statistics, in_order, set_null_caption
 from models.stages._text import text_conditions
 
@@ -92,14 +101,37 @@ def embeddings(cfg: PriorStageConfig) -> ClipExpectation:
 
 
 def fit_pca(model: nn.Module, batches: Iterator[Batch]) -> None:
-    """The autoregressive prior's PCA and buckets, fitted on the first training embeddings."""
-    need = max(4 * model.cfg.embed_dim, 256)
-    images, texts = [], []
-    while sum(x.shape[0] for x in images) < need:
-        batch = next(batches)
-        images.append(batch["image_embed"].float())
-        texts.append(batch["text_embed"].float())
-    model.fit_pca(torch.cat(images)[:need], torch.cat(texts)[:need])
+    """The autoregressive prior's PCA and buckets, fitted on the first `model.fit_embeddings`
+    training embeddings of one pass over the data (ConfigError when it holds fewer).
+
+    Memory: the fitted image embeddings (N x D float32) and their dot products with the text
+    embeddings (N); the PCA then works through them a chunk at a time (models/pca.py).
+    """
+    cfg = model.cfg
+    need = cfg.fit_embeddings
+    images = torch.empty(need, cfg.embed_dim)
+    dots = torch.empty(need)
+    have = 0
+    for batch in batches:
+        image = batch["image_embed"][: need - have].float()
+        text = batch["text_embed"][: len(image)].float()
+        images[have : have + len(image)] = image
+        dots[have : have + len(image)] = (image * text).sum(-1)
+        have += len(image)
+        if have == need:
+            break
+    if have < need:
+        buckets = max(cfg.num_buckets, cfg.dot_buckets)
+        raise ConfigError(
+            f"model.pca_fit_embeddings: the autoregressive prior fits its PCA and buckets on {need} training "
+            f"embeddings, but data.sources holds {have}; add data or lower model.pca_fit_embeddings "
+            f"(at least {buckets}, one per bucket)"
+        )
+    model.fit_pca(images, dots=dots)
+
+
+def preparation_fields(cfg: PriorStageConfig) -> frozenset[str]:
+    return frozenset({"image_embed", "text_embed"})
 
 
 def preparation(cfg: PriorStageConfig):
@@ -115,7 +147,48 @@ def preparation(cfg: PriorStageConfig):
     return in_order(steps)
 
 
+def validation_measure(cfg: PriorStageConfig, device: str, sample_steps: int) -> Measure:
+    def measure(model: nn.Module, batch: Batch, generator: torch.Generator) -> dict[str, Tensor]:
+        text_embed = batch["text_embed"]
+        if cfg.model.kind == "diffusion":
+            steps = min(sample_steps, cfg.model.diffusion.timesteps)
+            sampled = model.sample(text_embed, **text_conditions(batch), steps=steps, candidates=1, generator=generator)
+        else:
+            sampled = model.sample(text_embed, **text_conditions(batch), generator=generator)
+        return embedding_cosines(sampled, batch["image_embed"], text_embed)
+
+    return measure
+
+
+def embedding_cosines(sampled: Tensor, image_embed: Tensor, text_embed: Tensor) -> dict[str, Tensor]:
+    """Per-caption cosines `[B]` of the sampled image embeddings `[B, D]` with the true image
+    embeddings, the captions' text embeddings and another caption's (the next one in the
+    batch; needs B > 1), and of the true image embedding with its caption (the reference)."""
+    sampled, image, text = (F.normalize(x.float(), dim=-1) for x in (sampled, image_embed, text_embed))
+    out = {
+        "prior_image_cosine": (sampled * image).sum(-1),
+        "prior_text_cosine": (sampled * text).sum(-1),
+        "prior_reference_text_cosine": (image * text).sum(-1),
+    }
+    if len(text) > 1:
+        out["prior_unrelated_text_cosine"] = (sampled * text.roll(1, dims=0)).sum(-1)
+    return out
+
+
+VALIDATION = Validation(
+    metrics=(
+        ("prior_image_cosine", "Cosine of sampled and true CLIP image embeddings of held-out captions (-1..1)."),
+        ("prior_text_cosine", "Cosine of sampled image embeddings and their captions' CLIP text embeddings (-1..1)."),
+        ("prior_unrelated_text_cosine", "Cosine of sampled image embeddings and another held-out caption's text embedding (-1..1)."),
+        ("prior_reference_text_cosine", "Cosine of the true image embeddings and their captions' text embeddings: the data's own (-1..1)."),
+    ),
+    build=validation_measure,
+    sample_batches=None,  # sampling an embedding is cheap: all held-out batches
+)
+
+
 SPEC = StageSpec(
     name="prior", config=PriorStageConfig, build=build, loss=loss, fields=fields, field_shapes=field_shapes,
-    role="prior", preparation=preparation, embeddings=embeddings,
+    role="prior", preparation=preparation, preparation_fields=preparation_fields, embeddings=embeddings,
+    validation=VALIDATION,
 )
