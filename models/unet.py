@@ -8,7 +8,11 @@ keys and values concatenated to the pixels' keys and values). Output convolution
 residual branch and of the network are zero-initialised, so a fresh UNet predicts 0.
 
 Activations run channels-last on CPU (oneDNN convolutions are fastest there), which also makes
-the `[batch, channels, h, w] -> [batch, h*w, channels]` view taken by attention free.
+the `[batch, channels, h, w] -> [batch, h*w, channels]` view taken by attention free. That and
+the other CPU-tuned kernels (the folded upsampling conv, PointwiseConv's matmul) run only on
+the devices in `TUNED_DEVICES`, where they were measured faster (benchmarks/RESULTS.md); other
+devices run PyTorch's plain NCHW kernels, the same maths (`benchmarks/gpu_check.sh` times both
+on a GPU).
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ from torch.utils.checkpoint import checkpoint
 
 from models.config import NonNegativeInt, PositiveInt, Probability, config_dataclass
 from models.layers import timestep_embedding
+
+# device types on which the CPU-tuned kernels run (measured faster there, and only there)
+TUNED_DEVICES = frozenset({"cpu"})
+
+
+def _tuned(x: Tensor) -> bool:
+    return x.device.type in TUNED_DEVICES
 
 
 @config_dataclass
@@ -69,6 +80,8 @@ class PointwiseConv(nn.Conv2d):
         super().__init__(in_channels, out_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not _tuned(x):
+            return super().forward(x)
         weight = self.weight.view(self.out_channels, self.in_channels)
         out = F.linear(x.permute(0, 2, 3, 1), weight, self.bias)
         return out.permute(0, 3, 1, 2)
@@ -86,7 +99,10 @@ def upsample_conv3x3(h: Tensor, conv: nn.Conv2d) -> Tensor:
     """`conv(nearest_upsample_2x(h))` for a 3x3, padding-1 `conv`, computed exactly on the
     low-res grid as four 2x2 convolutions, one per output phase, interleaved: 16 instead of 36
     multiply-adds per low-res pixel and channel pair, and no upsampled input in memory.
-    `h`: `[batch, in, h, w]` -> `[batch, out, 2h, 2w]` (channels-last)."""
+    `h`: `[batch, in, h, w]` -> `[batch, out, 2h, 2w]` (channels-last). Off `TUNED_DEVICES`,
+    the upsampling and the 3x3 conv as they are."""
+    if not _tuned(h):
+        return conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
     height, width = h.shape[-2:]
     padded = F.pad(h, (1, 1, 1, 1))
     rows = _fold_taps(conv.weight, 2)
@@ -324,7 +340,8 @@ class UNet(nn.Module):
         self._check_inputs(x, t, cond, context, context_mask, extra)
         if extra is not None:
             x = torch.cat([x, extra.to(x.dtype)], dim=1)
-        x = x.contiguous(memory_format=torch.channels_last)
+        if _tuned(x):
+            x = x.contiguous(memory_format=torch.channels_last)
         dtype = self.conv_in.weight.dtype
         emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels).to(dtype))
         if cond is not None:

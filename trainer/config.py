@@ -36,6 +36,13 @@ class LoopConfig:
     log_every: PositiveInt = 10
     sample_every: NonNegativeInt = 0  # 0: no sample grids during training
     max_consecutive_nonfinite: PositiveInt = 10
+    # torch.use_deterministic_algorithms: None = on for CPU jobs (bit-identical resume, the
+    # tests), off on GPUs, where the deterministic kernels (e.g. scatter, some convolution
+    # backwards) are slower and nondeterminism is only rounding
+    deterministic: Optional[bool] = None
+    # torch.compile backend for the stage's model ("inductor" is torch's default), or None
+    # (eager). ZeRO 0-2; ZeRO-3's parameter hooks need DeepSpeed's own compiler.
+    compile: Optional[str] = None
 
 
 @config_dataclass

@@ -225,6 +225,18 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def all_reduce_tensor(t: torch.Tensor) -> None:
+    """Sum `t` over all ranks, in place, wherever it lives (NCCL reduces on the GPU only)."""
+    if not is_initialized():
+        return
+    if torch.distributed.get_backend() == "nccl" and t.device.type != "cuda":
+        on_gpu = t.cuda()
+        torch.distributed.all_reduce(on_gpu)
+        t.copy_(on_gpu)
+    else:
+        torch.distributed.all_reduce(t)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s `obj` on every rank."""
     if not is_initialized():

@@ -26,7 +26,7 @@ class StageModule(nn.Module):
     """The stage's model with `forward(batch) -> loss`, as DeepSpeed wraps and calls it: one
     ordinary module call per micro-batch, so ZeRO-3's parameter-gathering hooks see it."""
 
-    def __init__(self, spec: StageSpec, model: nn.Module, context: StageContext) -> None:
+    def __init__(self, spec: StageSpec, model: nn.Module, context: StageContext, device: str = "cpu") -> None:
         super().__init__()
         # DeepSpeed cannot broadcast 0-dim parameters (e.g. CLIP's logit_scale): train them as
         # shape [1] and record the model's own shape for export.
@@ -38,7 +38,8 @@ class StageModule(nn.Module):
         self.model = model
         self._spec = spec
         self._context = context
-        self.generator = torch.Generator()  # the stage's randomness (t, noise, CFG drops); checkpointed
+        # the stage's randomness (t, noise, CFG drops), on the device its draws are made on; checkpointed
+        self.generator = torch.Generator(device=device)
 
     def forward(
         self, batch: Batch, generator: Optional[torch.Generator] = None, measure: Optional[Measure] = None
@@ -105,7 +106,9 @@ class GuardedAdamW(torch.optim.AdamW):
 
     DeepSpeed's ZeRO 1-3 and bf16/fp16 optimizers already skip such steps (and count them in
     `engine.skipped_steps`); plain fp32 ZeRO-0 calls the client optimizer directly, so this
-    guard gives every configuration the same behaviour.
+    guard gives every configuration the same behaviour. The check is one fused kernel over
+    every gradient per device (GradScaler's non-finite check, with a scale of 1: an exact
+    no-op on finite values) and one host read per step, however many parameters there are.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -115,10 +118,24 @@ class GuardedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if grads and not all(torch.isfinite(g).all() for g in grads):
+        if grads and not all_finite(grads):
             self.skipped += 1
             return None
         return super().step(closure)
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite: one fused check per (device, dtype)
+    and a single host-device synchronisation."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.device, t.dtype), []).append(t)
+    found: list[torch.Tensor] = []
+    for (device, _), group in by_kind.items():
+        flag = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, device=device))
+        found.append(flag.to(tensors[0].device))
+    return not bool(torch.stack(found).any())
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -148,7 +165,8 @@ def build_engine(
     config = deepspeed_config(job, world_size, device, n_params=n_params, load_universal=load_universal, run_dir=run_dir)
     optim = job.optim
     optimizer = GuardedAdamW(
-        param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
+        param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+        fused=True,  # one kernel for every parameter (CUDA and CPU), not a kernel per tensor and moment
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     # DeepSpeed's own engine unpickles checkpoint files (weights_only=False)

@@ -28,7 +28,9 @@ def counted(step: Callable[[], T]) -> tuple[T, int]:
         flops_per_sample = flops / micro_batch_size
     """
     counter = FlopCounterMode(display=False)
-    with counter:
+    # eager even where the model is compiled (train.compile): the same FLOPs, and no second
+    # compilation for a dispatch mode that is on for this one step only
+    with torch.compiler.set_stance("force_eager"), counter:
         result = step()
     return result, int(counter.get_total_flops())
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from models import stages
-from models.config import config_to_dict
+from models.config import ConfigError, config_to_dict
 from models.stages import StageContext, StageSpec
 from models.weights import read_meta
 from trainer import distributed as dist
@@ -32,14 +33,22 @@ from trainer.checkpoint import CheckpointError, Checkpoints, resume_problem, tor
 from trainer.config import TrainJob
 from trainer.ema import ShardedEMA
 from trainer.engine import StageModule, build_engine, count_parameters, resolve_precision, set_lr, skipped_steps
+from trainer.masters import master_pieces
 from trainer.faults import Faults
 from trainer.flops import counted
 from trainer.init_from import load_init_from
 from trainer.lr import lr_at
 from trainer.metrics import Metrics
-from trainer.samples import grid_path, keep_for_sampling, write_grid
+from trainer.samples import grid_path, keep_for_sampling, share, write_grid
 from trainer.synthetic import SyntheticLoader
 from trainer.validation import Validator
+
+
+def deterministic(job: TrainJob, device: str) -> bool:
+    """`train.deterministic`, where unset: on for CPU jobs (bit-identical resume), off on GPUs."""
+    if job.train.deterministic is not None:
+        return job.train.deterministic
+    return not device.startswith("cuda")
 
 
 class TrainingAborted(RuntimeError):
@@ -138,7 +147,7 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.window = {"steps": 0, "step_time_s": 0.0, "data_wait_s": 0.0}  # since the last logging step
         self.sample_every = job.train.sample_every if self.spec.sample_grid is not None else 0
-        self.sample_batch: Optional[dict[str, Any]] = None  # rank 0: the conditions of every grid
+        self.sample_batch: Optional[dict[str, Any]] = None  # this rank's conditions of every grid
         self.flops_per_sample: Optional[float] = None
         self.last_save = time.monotonic()  # checkpoint.every_minutes counts from here
         self.validator: Optional[Validator] = None
@@ -146,7 +155,10 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def setup(self, resume: bool) -> None:
         job = self.job
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        self._check_compile()
+        if deterministic(job, self.device) and self.device.startswith("cuda"):
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode
+        torch.use_deterministic_algorithms(deterministic(job, self.device), warn_only=True)
         resume_dir = self._find_resume() if resume else None
         meta = read_meta(resume_dir) if resume_dir is not None else None
         # DeepSpeed loads its sharded states only into the same layout; for another world size or
@@ -171,7 +183,9 @@ class Trainer:
             self._say(load_init_from(job, model))
         elif job.init_from is not None:
             self._say(f"init_from {job.init_from} ignored: resuming from the run's own checkpoint {resume_dir}")
-        self.module = StageModule(self.spec, model, StageContext(self.rank, self.world_size))
+        if job.train.compile:
+            model.compile(backend=job.train.compile)  # in place: same module, same state dict
+        self.module = StageModule(self.spec, model, StageContext(self.rank, self.world_size), device=self.device)
         self.loader = open_loader(job, self.spec, self.rank, self.world_size)
         if meta is None and job.init_from is None:  # initial weights bring their prepared buffers
             self._prepare(model)
@@ -180,11 +194,15 @@ class Trainer:
         )
         self.optimizer_guard = self.engine.client_optimizer if hasattr(self.engine, "client_optimizer") else None
         self._register_direct_parameters(model)
-        self.ema = ShardedEMA(self.engine.module, job.train.ema_decay, self.rank, self.world_size)
+        self.ema = ShardedEMA(
+            self.engine.module, job.train.ema_decay, self.rank, self.world_size,
+            pieces=master_pieces(self.engine, self.rank, self.world_size), all_reduce=dist.all_reduce_tensor,
+        )
         self.n_params = count_parameters(self.engine.module.parameters())
         rng.seed_everything(job.train.seed * 1000 + self.rank, self.module.generator)
         if meta is not None:
             self._restore(resume_dir, meta, universal)
+            self.ema.bind(master_pieces(self.engine, self.rank, self.world_size))  # DeepSpeed's loaded buffers
         if job.validation.every_steps:
             self.validator = Validator(job, self.spec, self.rank, self.world_size, self.device)
         self.metrics = Metrics(
@@ -193,6 +211,13 @@ class Trainer:
         )
         self.metrics.start()
         self.stop.install()
+
+    def _check_compile(self) -> None:
+        if self.job.train.compile and self.job.deepspeed.zero_stage == 3:
+            raise ConfigError(
+                "train.compile: not with deepspeed.zero_stage 3 (its parameter hooks need DeepSpeed's own compiler); "
+                "use ZeRO 0-2 or leave train.compile unset"
+            )
 
     def _say(self, message: str) -> None:
         if self.rank == 0:
@@ -286,8 +311,8 @@ class Trainer:
             waited = time.perf_counter()
             batch = next(self.loader)
             data_wait += time.perf_counter() - waited
-            if self.sample_every and self.sample_batch is None and self.rank == 0:
-                self.sample_batch = keep_for_sampling(batch)
+            if self.sample_every and self.sample_batch is None:
+                self.sample_batch = keep_for_sampling(batch, share(self.rank, self.world_size, job.train.micro_batch_size))
             loss = self._forward_backward(batch_to(batch, self.device))
             self.engine.step()
             losses.append(float(loss.detach()))
@@ -409,16 +434,18 @@ class Trainer:
 
     def _sample(self) -> None:
         started = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):  # building the sampling model draws init weights
+        # building the sampling model draws init weights: keep that out of the training streams
+        devices = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=devices):
             out = self._write_grid()
         if out is not None:
             self._say(f"samples {out} ({time.perf_counter() - started:.1f}s)")
 
     def _write_grid(self) -> Optional[Path]:
         return write_grid(
-            spec=self.spec, job=self.job, ema_state=self.ema.state_dict(), shapes=self._export_shapes(),
-            buffers=self._buffers(), batch=self.sample_batch, seed=self.job.train.seed,
-            out=grid_path(self.run_dir, self.step),
+            spec=self.spec, job=self.job, ema=self.ema, buffers=self._buffers(), batch=self.sample_batch,
+            seed=self.job.train.seed, out=grid_path(self.run_dir, self.step), rank=self.rank, device=self.device,
+            precision=resolve_precision(self.job.deepspeed.precision, self.device),
         )
 
     def _export_shapes(self) -> dict[str, list[int]]:
