@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole pipeline end to end on the embedded shapes data")
     p.add_argument("--out", default="demo_out", metavar="DIR", help="run root (re-running resumes)")
     p.add_argument("--quick", action="store_true", help="smallest preset (a few minutes; used by the tests)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="training and sampling seed of every stage (one seed per --out)")
 
     p = sub.add_parser("shards", help="write webdataset shards from images+captions or the shapes dataset")
     p.add_argument("--source", required=True, help="shapes | folder:DIR | table:FILE.csv | table:FILE.parquet")

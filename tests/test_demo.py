@@ -32,9 +32,16 @@ def test_quick_demo_writes_every_artefact(demo_root, capsys):
         assert -1.0 <= report[run]["clip_score"] <= 1.0 and report[run]["clip_frechet_distance"] >= 0
     assert report["real_images"]["attribute_accuracy"]["colour"] == 1.0  # the judge itself is sound
     assert set(report["margin_over_baseline"]) == set(report["error_ratio_to_baseline"]) == {"colour", "shape"} and isinstance(report["meets_targets"], bool)
-    # a second run skips every stage: outputs exist
+    assert report["seed"] == 0
+    # a second run skips every stage: outputs exist; it ends with the command to sample more
+    capsys.readouterr()
     assert main(["demo", "--quick", "--out", str(demo_root)]) == 0
-    assert capsys.readouterr().out.count("done already, skipped") == 9
+    out = capsys.readouterr().out
+    assert out.count("done already, skipped") == 9
+    assert f"unclip sample --weights {demo_root / 'weights'} --prompt" in out.splitlines()[-1]
+    # the root belongs to seed 0: another seed is refused before any work
+    assert main(["demo", "--quick", "--seed", "1", "--out", str(demo_root)]) == 2
+    assert "holds a demo run with seed 0" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -93,9 +93,10 @@ def write_samples_and_report(demo: Any, preset: Any) -> tuple[Path, Path]:
     text_embedding = UnCLIPPipeline(chain[0], None, *chain[1:])
     prompts, attrs, real = held_out_prompts(preset.eval_prompts, pipeline.image_size)
 
-    images, full = _evaluate(pipeline, prompts, attrs, real, seed=0)
-    _, baseline = _evaluate(caption_only, prompts, attrs, real, seed=0)
-    _, text_baseline = _evaluate(text_embedding, prompts, attrs, real, seed=0)
+    seed = demo.seed
+    images, full = _evaluate(pipeline, prompts, attrs, real, seed=seed)
+    _, baseline = _evaluate(caption_only, prompts, attrs, real, seed=seed)
+    _, text_baseline = _evaluate(text_embedding, prompts, attrs, real, seed=seed)
     real_accuracy = attribute_accuracy(to_pil(real), attrs)
 
     samples = demo.root / "samples.png"
@@ -103,6 +104,7 @@ def write_samples_and_report(demo: Any, preset: Any) -> tuple[Path, Path]:
     grid(images[:shown], columns=4, captions=prompts[:shown], pad=4, min_cell=128).save(samples)
     verdict = _verdict(full, baseline)
     report = {
+        "seed": seed,
         "held_out_prompts": len(prompts),
         "image_size": pipeline.image_size,
         "unclip": full,

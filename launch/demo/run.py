@@ -6,7 +6,9 @@
 Every stage runs as a separate `unclip` process with the same configs and launcher a cluster
 user would use (2 local ranks, DeepSpeed on CPU), so the demo exercises the real system.
 A stage whose output already exists is skipped, so re-running resumes; training stages also
-resume from their own checkpoints.
+resume from their own checkpoints. `--seed S` trains every stage with seed S (initialisation,
+data order, diffusion noise) on the same data set and samples the report with it; a run root
+belongs to one seed and preset (`demo.json`), so re-running with others is refused.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -22,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from launch.cli import EXIT_OK, EXIT_RUNTIME
+from launch.cli import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 
@@ -76,8 +79,8 @@ def _shard_pattern(shards: Path) -> str:
 
 
 class Demo:
-    def __init__(self, root: Path, preset: Preset) -> None:
-        self.root, self.preset = root, preset
+    def __init__(self, root: Path, preset: Preset, seed: int = 0) -> None:
+        self.root, self.preset, self.seed = root, preset, seed
         self.data = root / "data" / "shapes"
         self.embeddings = root / "embeddings"
         self.weights = root / "weights"
@@ -99,7 +102,7 @@ class Demo:
         run_dir, steps = self.runs / stage, self.preset.steps[stage]
 
         def argv() -> list[str]:
-            overrides = [f"train.steps={steps}", *sets()]
+            overrides = [f"train.steps={steps}", f"train.seed={self.seed}", f"data.seed={self.seed}", *sets()]
             return _unclip("train", "--config", str(CONFIGS / config), "--run-dir", str(run_dir),
                            "--nproc", str(self.preset.nproc), *[a for o in overrides for a in ("--set", o)])
 
@@ -136,6 +139,25 @@ class Demo:
             self._export(("prior", "decoder", "upsampler1", "upsampler2")),
         ]
 
+    def claim_root(self, preset_name: str) -> Optional[str]:
+        """Record this root's seed and preset; the problem, if it holds a run of others."""
+        record = self.root / "demo.json"
+        mine = {"seed": self.seed, "preset": preset_name}
+        if record.exists():
+            theirs = json.loads(record.read_text())
+            if theirs != mine:
+                return (f"{self.root} holds a demo run with seed {theirs.get('seed')} and preset "
+                        f"{theirs.get('preset')!r}; use another --out for seed {self.seed}, preset {preset_name!r}")
+            return None
+        self.root.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(mine) + "\n")
+        return None
+
+    def sample_command(self) -> str:
+        """The command that samples more from this run's weights."""
+        return shlex.join(["unclip", "sample", "--weights", str(self.weights), "--prompt",
+                           "a large red circle on the left", "-n", "4", "--seed", "1", "--out", str(self.root / "more")])
+
     def run(self) -> int:
         self.logs.mkdir(parents=True, exist_ok=True)
         stages = self.stages()
@@ -165,6 +187,7 @@ class Demo:
         print(f"demo finished in {_fmt(time.monotonic() - start)}")
         print(f"samples: {samples}")
         print(f"report:  {report}")
+        print(f"sample more from its weights:\n  {self.sample_command()}")
         return EXIT_OK
 
     def _run_stage(self, stage: Stage, head: str) -> int:
@@ -234,5 +257,10 @@ def _fmt(seconds: float) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    preset = PRESETS["quick" if args.quick else "full"]
-    return Demo(Path(args.out).resolve(), preset).run()
+    name = "quick" if args.quick else "full"
+    demo = Demo(Path(args.out).resolve(), PRESETS[name], seed=args.seed)
+    problem = demo.claim_root(name)
+    if problem:
+        print(f"unclip demo: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    return demo.run()
