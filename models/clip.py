@@ -5,6 +5,11 @@ in eval mode. The adapter speaks the project's conventions: images in [-1, 1] at
 unit-norm embeddings, and per-token text encodings with a padding mask (the prior and the
 decoder condition on those). Pure PyTorch: open_clip reads its own config and vocabulary
 files; nothing here opens a network connection or a file except a local weights file.
+
+open_clip is imported on first use, inside the functions that need it: its import (through
+torchvision, torch._dynamo and transformers) is ~10 s of CPU, more than torch and DeepSpeed
+together, and every job's config names a `ClipConfig`, while the prior, decoder and upsampler
+ranks never build a CLIP (they read precomputed embeddings).
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import os
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,21 +58,22 @@ class ClipConfig:
 TINY_CONFIGS = Path(__file__).resolve().parent / "clip_configs"
 
 
-def register_tiny_architectures() -> None:
-    """Make the tiny architectures known to open_clip (idempotent; reads their JSON files)."""
+def open_clip_module():
+    """open_clip, imported on first use, with the tiny architectures registered (once)."""
+    import open_clip
+
     if not set(tiny_architectures()) <= set(open_clip.list_models()):
         open_clip.add_model_config(TINY_CONFIGS)
+    return open_clip
 
 
 def tiny_architectures() -> list[str]:
     return sorted(p.stem for p in TINY_CONFIGS.glob("*.json"))
 
 
-register_tiny_architectures()
-
-
 def architecture(name: str) -> dict:
     """open_clip's config of architecture `name` (`embed_dim`, `vision_cfg`, `text_cfg`)."""
+    open_clip = open_clip_module()
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         raise ValueError(f"clip.name: unknown open_clip architecture {name!r} (e.g. ViT-B-32, unclip-tiny)")
@@ -77,6 +82,7 @@ def architecture(name: str) -> dict:
 
 def build_open_clip(name: str) -> nn.Module:
     """A trainable open_clip model of architecture `name`, initialised from the caller's RNG."""
+    open_clip = open_clip_module()
     architecture(name)
     return open_clip.create_model(name, pretrained=None)
 
@@ -98,6 +104,7 @@ class ClipExpectation:
 def architecture_widths(name: str) -> Optional[tuple[int, int, int]]:
     """(embedding width D, text width W, context length L) of an open_clip architecture, from
     its config alone (no weights); None for a name open_clip has no config for."""
+    open_clip = open_clip_module()
     cfg = open_clip.get_model_config(name)
     if not cfg:
         return None
@@ -116,6 +123,7 @@ class ClipAdapter(nn.Module):
     """
 
     def __init__(self, model: nn.Module, tokenizer, name: str = "", normalize: bool = True):
+        open_clip = open_clip_module()
         super().__init__()
         self.model = model
         self.name = name
@@ -209,6 +217,7 @@ def _text_tower(model: nn.Module) -> nn.Module:
 
 def _text_forward(model: nn.Module, tower: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled projected embedding [B, D], per-token encodings [B, L, W]) in one pass."""
+    open_clip = open_clip_module()
     if tower is model:  # open_clip's CLIP class keeps the text tower's parts on the model
         cast = model.transformer.get_cast_dtype()
         x = model.token_embedding(tokens).to(cast) + model.positional_embedding.to(cast)
@@ -233,6 +242,7 @@ def _text_forward(model: nn.Module, tower: nn.Module, tokens: torch.Tensor) -> t
 
 def _resolve_pretrained(name: str, pretrained: Optional[str]) -> Optional[str]:
     """Check `pretrained` up front so a typo fails with a message, not a download attempt."""
+    open_clip = open_clip_module()
     if pretrained is None or pretrained == "":
         return None
     looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
@@ -256,6 +266,7 @@ def load_clip(
     hub or its cache), or a local .pt/.pth/.bin/.safetensors file (loaded with
     weights_only=True).
     """
+    open_clip = open_clip_module()
     if name not in open_clip.list_models():
         raise ValueError(f"clip.name: unknown open_clip architecture {name!r} (e.g. ViT-B-32, unclip-tiny)")
     pretrained = _resolve_pretrained(name, pretrained)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-import open_clip
 import torch
-from open_clip.loss import ClipLoss
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -46,6 +44,8 @@ def loss(model: nn.Module, batch: Batch, generator: Optional[torch.Generator], c
         image_features, text_features, logit_scale = out["image_features"], out["text_features"], out["logit_scale"]
     else:
         image_features, text_features, logit_scale = out[:3]
+    from open_clip.loss import ClipLoss
+
     # gather_with_grad: every rank's loss sees the whole job's batch as negatives.
     contrastive = ClipLoss(gather_with_grad=True, rank=ctx.rank, world_size=ctx.world_size)
     return contrastive(image_features, text_features, logit_scale)
@@ -63,6 +63,9 @@ def field_shapes(cfg: ClipStageConfig) -> dict[str, tuple[int, ...]]:
 
 
 def tokenizer(cfg: ClipStageConfig):
+    from models.clip import open_clip_module
+
+    open_clip = open_clip_module()
     return open_clip.get_tokenizer(cfg.model.name)
 
 
