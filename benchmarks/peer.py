@@ -48,16 +48,21 @@ def version() -> str:
     return "not installed" if mod is None else getattr(mod, "__version__", "?")
 
 
-def build_prior(spec: PriorSpec, runtime: Runtime, sample_steps: Optional[int] = None) -> Bench:
+def prior_model(spec: PriorSpec, sample_steps: Optional[int] = None) -> Any:
+    """Their `DiffusionPrior` at the spec's sizes (also what `trainer_e2e` hands their trainer)."""
     d2 = load()
     net = d2.DiffusionPriorNetwork(
         dim=spec.dim, depth=spec.depth, dim_head=spec.dim_head, heads=spec.heads, ff_mult=spec.ff_mult,
         max_text_len=spec.text_len,
     )
-    model = d2.DiffusionPrior(
+    return d2.DiffusionPrior(
         net, image_embed_dim=spec.dim, timesteps=1000, sample_timesteps=sample_steps or spec.sample_steps,
         text_cond_drop_prob=0.5, image_cond_drop_prob=0.1, condition_on_text_encodings=True,
     )
+
+
+def build_prior(spec: PriorSpec, runtime: Runtime, sample_steps: Optional[int] = None) -> Bench:
+    model = prior_model(spec, sample_steps)
     train = make_prior_inputs(spec, spec.batch, runtime.device)
     cond = make_prior_inputs(spec, spec.sample_batch, runtime.device, seed=1)
     steps = sample_steps or spec.sample_steps
@@ -92,7 +97,8 @@ def attn_heads(spec: DecoderSpec) -> int:
     return max(1, spec.base_channels * spec.channel_mults[levels[0]] // spec.head_channels)
 
 
-def build_decoder(spec: DecoderSpec, runtime: Runtime, sample_steps: Optional[int] = None) -> Bench:
+def decoder_model(spec: DecoderSpec, sample_steps: Optional[int] = None) -> Any:
+    """Their one-Unet `Decoder` at the spec's sizes (also what `trainer_e2e` hands their trainer)."""
     d2 = load()
     unet = d2.Unet(
         dim=spec.base_channels, image_embed_dim=spec.embed_dim, text_embed_dim=spec.text_width,
@@ -102,11 +108,15 @@ def build_decoder(spec: DecoderSpec, runtime: Runtime, sample_steps: Optional[in
         cond_on_text_encodings=True, max_text_len=spec.text_len,
         init_cross_embed=False, init_conv_kernel_size=3, final_conv_kernel_size=3,
     )
-    model = d2.Decoder(
+    return d2.Decoder(
         unet, image_size=spec.image_size, channels=3, timesteps=1000,
         sample_timesteps=sample_steps or spec.sample_steps, image_cond_drop_prob=0.1, text_cond_drop_prob=0.5,
         learned_variance=False,
     )
+
+
+def build_decoder(spec: DecoderSpec, runtime: Runtime, sample_steps: Optional[int] = None) -> Bench:
+    model = decoder_model(spec, sample_steps)
     train = make_decoder_inputs(spec, spec.batch, runtime.device)
     cond = make_decoder_inputs(spec, spec.sample_batch, runtime.device, seed=1)
     images01 = (train.images + 1) / 2  # it normalises [0, 1] images to [-1, 1] itself

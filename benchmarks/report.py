@@ -236,4 +236,18 @@ def render(info: RunInfo, sections: list[list[str]], headline: str, existing: Op
     for section in sections:
         body += section + [""]
     tail = ["### How the sizes were matched", "", MATCHING]
-    return "\n".join(head + body + tail)
+    return "\n".join(head + body + tail + kept_sections(existing))
+
+
+# Sections other scripts write into this page between their own markers (e.g.
+# benchmarks/trainer_e2e.py's "End to end: the trainers"): a rewrite of the models tables keeps them.
+KEPT_MARKERS = (("<!-- trainer_e2e: begin -->", "<!-- trainer_e2e: end -->"),)
+
+
+def kept_sections(existing: Optional[str]) -> list[str]:
+    """The marked sections of the current RESULTS.md, as they are (each preceded by a blank line)."""
+    out: list[str] = []
+    for begin, end in KEPT_MARKERS:
+        if existing and begin in existing and end in existing.split(begin, 1)[1]:
+            out += ["", begin + existing.split(begin, 1)[1].split(end, 1)[0] + end]
+    return out

@@ -52,6 +52,9 @@ class ClipConfig:
 #   caption (at most 9 with the start and end tokens) at half the prior's sequence;
 # - `unclip-tiny-77`: the tiny towers with 77 tokens like every published CLIP, to test
 #   context-length handling.
+# - `unclip-tiny-512`: ViT-B-32's embedding interface (512-d embeddings, text width 512, 77
+#   tokens) on one-layer towers over 32 px images, for benchmarks/trainer_e2e.py: the sizes
+#   benchmarks/specs.py matches against dalle2-pytorch need 512-wide embeddings and encodings;
 # - `unclip-tiny-vit-h-14`: ViT-H-14's interface (1024-d embeddings, text width 1024, 77
 #   tokens, 224 px input) on one-layer towers, so that the paper configs' chain runs in CI
 #   (tests/test_paper_chain.py); the real ViT-H-14 at random init takes minutes per image on 2 CPU cores.
