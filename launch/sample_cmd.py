@@ -222,7 +222,10 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:  # bad input, WeightsError included
         print(f"unclip sample: {mask_urls_in(str(err))}", file=sys.stderr)
         return EXIT_USAGE
-    except (OSError, RuntimeError) as err:  # a failure at run time (disk, CUDA out of memory, ...)
+    except OSError as err:  # a failure at run time: disk, an object store (its message names it)
+        print(f"unclip sample: {mask_urls_in(str(err))}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except RuntimeError as err:  # torch's (CUDA out of memory, ...): the type says what failed
         print(f"unclip sample: {type(err).__name__}: {mask_urls_in(str(err))}", file=sys.stderr)
         return EXIT_RUNTIME
     for path in paths:
