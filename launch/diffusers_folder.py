@@ -9,10 +9,13 @@ used when it is all a component has. Writing uses safetensors only.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -138,3 +141,26 @@ def check_clip_tokenizer(folder: Path) -> None:
     same = len(vocab) == len(ours) and all(vocab.get(t) == i for t, i in ours.items())
     if not same:
         raise FolderError(f"{tokenizer}: not OpenAI's CLIP BPE vocabulary ({len(vocab)} tokens; unclip tokenizes with open_clip's copy of it)")
+
+
+def check_empty(out: Path, name: str) -> None:
+    """FileExistsError (naming `name`) where `out` exists and is not an empty folder."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{name} exists and is not an empty folder (nothing was written)")
+
+
+@contextlib.contextmanager
+def new_folder(out: Path, name: str) -> Iterator[Path]:
+    """The folder `out`, written whole or not at all: the block fills a temporary sibling,
+    renamed to `out` when it succeeds and removed when it fails."""
+    check_empty(out, name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -13,14 +13,12 @@ latest checkpoint's EMA) or export files, in any order, like `unclip sample --we
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from launch.diffusers_folder import write_clip_tokenizer, write_component
+from launch.diffusers_folder import check_empty, new_folder, write_clip_tokenizer, write_component
 from models import stages
 from models.clip import load_clip_from_config
 from models.interop import diffusers_unclip as du
@@ -126,12 +124,9 @@ def write_unclip_folder(out: str | Path, prior: tuple, decoder: tuple, upsampler
     and the CLIP adapter; atomically (a temporary folder renamed into place). `problems`
     already found are reported with the mapping's own."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder (nothing was written)")
+    check_empty(out, str(out))
     components = _components(prior, decoder, upsampler, clip, problems)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with new_folder(out, str(out)) as tmp:
         for name, (config, state, weights_name) in components.items():
             config = dict(config)
             if state is not None and name != "text_encoder":
@@ -139,12 +134,6 @@ def write_unclip_folder(out: str | Path, prior: tuple, decoder: tuple, upsampler
             write_component(tmp, name, config, state, weights_name=weights_name or "diffusion_pytorch_model")
         write_clip_tokenizer(tmp, prior[0].max_text_len)
         (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 

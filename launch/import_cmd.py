@@ -15,9 +15,7 @@ Everything is read and checked before anything is written; WEIGHTS_DIR appears w
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -102,24 +100,15 @@ def header(stage: str, folder: Path, configs: Path, out: Path) -> str:
 def write_weights_dir(out: Path, jobs: list[tuple[Any, Any]], folder: Path, configs: Path) -> list[Path]:
     """`<stage>.safetensors` and `<stage>.yaml` for each stage, into `out` atomically."""
     from launch.config_files import dump_config
+    from launch.diffusers_folder import new_folder
     from models.config import config_to_dict
     from models.weights import StageWeights, write_export
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {out} exists and is not an empty folder (nothing was written)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with new_folder(out, f"--out {out}") as tmp:
         for job, stage in jobs:
             weights = StageWeights(stage.stage, 0, config_to_dict(job), stage.state, str(folder))
             write_export(weights, tmp / f"{stage.stage}.safetensors")
             (tmp / f"{stage.stage}.yaml").write_text(header(stage.stage, folder, configs, out) + dump_config(job))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return sorted(out.iterdir())
 
 
