@@ -62,8 +62,7 @@ JOBS = (
 DEMO_JOBS = (
     PaperJob("prior", 64, 1500, "model.depth", (1, 2), True, "demo"),
     PaperJob("decoder", 32, 2500, "model.unet.num_res_blocks", (1, 2), False, "demo"),
-    PaperJob("upsampler1", 16, 800, "model.unet.num_res_blocks", (1, 2), False, "demo"),
-    PaperJob("upsampler2", 8, 600, "model.unet.num_res_blocks", (1, 2), False, "demo"),
+    PaperJob("upsampler", 16, 1000, "model.unet.num_res_blocks", (1, 2), False, "demo"),
 )
 
 

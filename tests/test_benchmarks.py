@@ -38,7 +38,7 @@ def test_tiny_run_writes_every_table_and_row(tmp_path):
             assert re.match(r"\*\*[\d.]+x\*\*", cells[3]), line
     for row in ROWS:
         assert f"| peak memory, {row.rsplit(',', 1)[0]} |" in text
-    for job in ("prior", "decoder", "upsampler1", "upsampler2"):
+    for job in ("prior", "decoder", "upsampler"):
         assert re.search(rf"^\| {job} \| .* \| 1 \|", text, re.M)  # memory plan, ZeRO 1 row
     assert "MFU (CPU fp32)" in text
 

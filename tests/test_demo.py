@@ -20,24 +20,32 @@ def demo_root(tmp_path_factory) -> Path:
 
 
 def test_quick_demo_writes_every_artefact(demo_root, capsys):
-    for stage in ("clip", "prior", "decoder", "upsampler1", "upsampler2"):
+    for stage in ("clip", "prior", "decoder", "upsampler"):
         assert (demo_root / "weights" / f"{stage}.safetensors").stat().st_size > 0
     assert (demo_root / "embeddings" / "_SUCCESS").exists()
     assert (demo_root / "samples.png").stat().st_size > 0
     report = json.loads((demo_root / "report.json").read_text())
-    assert report["image_size"] == 64 and report["held_out_prompts"] == 8
+    assert report["image_size"] == 64 and report["prompts"]["fully_specified"] == 8 and report["prompts"]["two_object"] == 4
     for run in ("unclip", "decoder_only_baseline", "text_embedding_baseline"):
-        acc = report[run]["attribute_accuracy"]
+        acc, div = report[run]["attribute_accuracy"], report[run]["diversity"]
         assert all(0.0 <= acc[k] <= 1.0 for k in ("colour", "shape", "size", "position"))
+        assert all(0.0 <= div[a]["total_variation"] <= 1.0 for a in ("colour", "size", "position"))
+        assert div["colour"]["samples"] == 8 and div["size"]["samples"] == 12  # 4 shape-only x 2, + 4 coloured x 1
         assert -1.0 <= report[run]["clip_score"] <= 1.0 and report[run]["clip_frechet_distance"] >= 0
-    assert report["real_images"]["attribute_accuracy"]["colour"] == 1.0  # the judge itself is sound
-    assert set(report["margin_over_baseline"]) == set(report["error_ratio_to_baseline"]) == {"colour", "shape"} and isinstance(report["meets_targets"], bool)
+        assert report[run]["background_noise"] >= 0
+    assert 0.0 <= report["unclip"]["binding_accuracy"]["bound"] <= 1.0
+    real = report["real_images"]  # the judge itself is sound on real images of the same prompts
+    assert real["attribute_accuracy"]["colour"] == 1.0 and real["binding_accuracy"]["bound"] == 1.0
+    assert set(report["meets"]) == {"colour", "shape", "size", "position", "diversity_colour", "diversity_size",
+                                    "diversity_position", "shape_beats_baselines", "diversity_beats_baselines",
+                                    "background_noise"}
+    assert isinstance(report["meets_targets"], bool)
     assert report["seed"] == 0
     # a second run skips every stage: outputs exist; it ends with the command to sample more
     capsys.readouterr()
     assert main(["demo", "--quick", "--out", str(demo_root)]) == 0
     out = capsys.readouterr().out
-    assert out.count("done already, skipped") == 9
+    assert out.count("done already, skipped") == 8
     assert f"unclip sample --weights {demo_root / 'weights'} --prompt" in out.splitlines()[-1]
     # the root belongs to seed 0: another seed is refused before any work
     assert main(["demo", "--quick", "--seed", "1", "--out", str(demo_root)]) == 2

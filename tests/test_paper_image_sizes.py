@@ -55,8 +55,7 @@ def test_paper_parameter_counts(name, model_cls, cfg_cls, expected):
         ("paper/upsampler_256", "upsampler", UpsamplerConfig),
         ("paper/upsampler_1024", "upsampler", UpsamplerConfig),
         ("demo/decoder", "decoder", DecoderConfig),
-        ("demo/upsampler1", "upsampler", UpsamplerConfig),
-        ("demo/upsampler2", "upsampler", UpsamplerConfig),
+        ("demo/upsampler", "upsampler", UpsamplerConfig),
     ],
 )
 def test_image_configs_validate_and_chain(name, stage, cfg_cls):
@@ -71,9 +70,10 @@ def test_image_stages_chain_in_size():
     def load(name, cls):
         return build_config(cls, _model_section(ROOT / "configs" / f"{name}.yaml"))
 
-    for prefix, first, second in (("paper", "upsampler_256", "upsampler_1024"), ("demo", "upsampler1", "upsampler2")):
-        decoder = load(f"{prefix}/decoder", DecoderConfig)
-        up1, up2 = load(f"{prefix}/{first}", UpsamplerConfig), load(f"{prefix}/{second}", UpsamplerConfig)
-        assert decoder.image_size == up1.lowres_size and up1.image_size == up2.lowres_size, prefix
+    decoder = load("paper/decoder", DecoderConfig)
+    up1, up2 = load("paper/upsampler_256", UpsamplerConfig), load("paper/upsampler_1024", UpsamplerConfig)
+    assert decoder.image_size == up1.lowres_size and up1.image_size == up2.lowres_size
     assert load("paper/upsampler_1024", UpsamplerConfig).image_size == 1024
-    assert load("demo/upsampler2", UpsamplerConfig).image_size == 64
+    # the demo: a 32 px decoder and one upsampler to 64 px
+    assert load("demo/decoder", DecoderConfig).image_size == load("demo/upsampler", UpsamplerConfig).lowres_size == 32
+    assert load("demo/upsampler", UpsamplerConfig).image_size == 64

@@ -84,7 +84,8 @@ def test_shapes_shards_carry_attributes_and_are_byte_identical_on_rerun(tmp_path
     for s in samples:
         attrs = shapes.attributes_for_key(s.key)
         assert s.fields["txt"].decode() == attrs.caption
-        assert json.loads(s.fields["json"])["attributes"]["colour"] == attrs.colour
+        meta = json.loads(s.fields["json"])["attributes"]
+        assert [o["colour"] for o in meta["objects"]] == [o.colour for o in attrs.objects]
         img = Image.open(io.BytesIO(s.fields["png"]))
         assert img.size == (24, 24)
 

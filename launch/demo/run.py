@@ -1,7 +1,7 @@
 """`unclip demo`: the whole pipeline on the embedded shapes data, each stage its own job.
 
-    shards -> train CLIP -> precompute embeddings -> train prior -> train decoder
-           -> train upsampler 1 -> train upsampler 2 -> sample + report
+    shards -> train CLIP -> precompute embeddings -> train prior -> train decoder (32 px)
+           -> train upsampler (32 -> 64 px) -> sample + report
 
 Every stage runs as a separate `unclip` process with the same configs and launcher a cluster
 user would use (2 local ranks, DeepSpeed on CPU), so the demo exercises the real system.
@@ -39,22 +39,24 @@ class Preset:
     image_size: int
     steps: dict[str, int]
     expected_s: dict[str, float]
-    eval_prompts: int
+    eval_prompts: int  # fully specified held-out prompts
+    open_samples: int  # samples per open shape-only prompt (launch/demo/report.py)
+    binding_prompts: int  # two-object prompts
     nproc: int = 2
 
 
 PRESETS = {
     "full": Preset(
-        samples=8000, image_size=64, eval_prompts=64,
-        steps={"clip": 200, "prior": 250, "decoder": 1100, "upsampler1": 250, "upsampler2": 250},
-        expected_s={"shards": 17, "clip": 85, "export": 6, "precompute": 22, "prior": 82, "decoder": 370,
-                    "upsampler1": 88, "upsampler2": 90, "report": 65},
+        samples=8000, image_size=64, eval_prompts=64, open_samples=24, binding_prompts=32,
+        steps={"clip": 200, "prior": 1500, "decoder": 1800, "upsampler": 1000},
+        expected_s={"shards": 28, "clip": 40, "export": 2, "precompute": 9, "prior": 195, "decoder": 380,
+                    "upsampler": 125, "report": 80},
     ),
     "quick": Preset(
-        samples=512, image_size=64, eval_prompts=8,
-        steps={"clip": 20, "prior": 20, "decoder": 20, "upsampler1": 10, "upsampler2": 10},
-        expected_s={"shards": 5, "clip": 35, "export": 8, "precompute": 15, "prior": 25, "decoder": 30,
-                    "upsampler1": 25, "upsampler2": 25, "report": 15},
+        samples=512, image_size=64, eval_prompts=8, open_samples=2, binding_prompts=4,
+        steps={"clip": 20, "prior": 20, "decoder": 20, "upsampler": 10},
+        expected_s={"shards": 4, "clip": 17, "export": 2, "precompute": 9, "prior": 15, "decoder": 17,
+                    "upsampler": 15, "report": 12},
     ),
 }
 
@@ -134,9 +136,8 @@ class Demo:
             precompute,
             self._train("prior", "prior.yaml", with_embeddings),
             self._train("decoder", "decoder.yaml", with_embeddings),
-            self._train("upsampler1", "upsampler1.yaml", lambda: [self._data()]),
-            self._train("upsampler2", "upsampler2.yaml", lambda: [self._data()]),
-            self._export(("prior", "decoder", "upsampler1", "upsampler2")),
+            self._train("upsampler", "upsampler.yaml", lambda: [self._data()]),
+            self._export(("prior", "decoder", "upsampler")),
         ]
 
     def claim_root(self, preset_name: str) -> Optional[str]:
@@ -156,7 +157,7 @@ class Demo:
     def sample_command(self) -> str:
         """The command that samples more from this run's weights."""
         return shlex.join(["unclip", "sample", "--weights", str(self.weights), "--prompt",
-                           "a large red circle on the left", "-n", "4", "--seed", "1", "--out", str(self.root / "more")])
+                           "a red circle", "-n", "8", "--seed", "1", "--out", str(self.root / "more")])
 
     def run(self) -> int:
         self.logs.mkdir(parents=True, exist_ok=True)
