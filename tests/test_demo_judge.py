@@ -86,3 +86,9 @@ def test_background_noise_sees_speckle_not_the_lighting_or_the_rim():
     assert background_noise(noisy) > 2.5 * real
     blurred = [img.filter(ImageFilter.GaussianBlur(1.0)) for img in lit]
     assert background_noise(blurred) < 1.2 * real  # soft edges are not noise
+
+
+def test_a_shape_cut_by_the_top_edge_is_still_classified():
+    arr = np.full((64, 64, 3), shapes.BACKGROUND, np.uint8)
+    arr[:2, 20:30] = shapes.COLOURS["red"]  # all of it on the first two rows: centroid at the edge
+    assert classify_shape(Image.fromarray(arr)) in shapes.SHAPES

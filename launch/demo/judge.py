@@ -75,7 +75,9 @@ def classify_shape(image: Image.Image | np.ndarray) -> Optional[str]:
                 # the template's centre is at (side, side); shift it onto the centroid. Triangles'
                 # and stars' centroids are not their circumcentres: search a small offset too.
                 for dy in (-1, 0, 1) if shape in ("triangle", "star") else (0,):
-                    top, left = side - cy + dy * max(1, side // 32), side - cx
+                    # clamped: a centroid on the image's edge with the offset would cut the window short
+                    top = min(max(side - cy + dy * max(1, side // 32), 0), side)
+                    left = side - cx
                     window = tpl[top : top + side, left : left + side]
                     iou = _iou(mask, window)
                     if iou > best_iou:
