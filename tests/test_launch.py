@@ -17,12 +17,6 @@ from tests.helpers import TINY_PRIOR, env_for_tests, latest_step, merged, write_
 
 @pytest.mark.slow
 def test_two_simulated_nodes_under_torchrun_train_and_checkpoint(tmp_path):
-    """The loopback stand-in for tests/test_multihost.py, which runs the same two-node launch on
-    two real hosts where network namespaces can be made (CI): it runs only where they cannot."""
-    from tests.infra import netns
-
-    if netns.unavailable_reason() is None:
-        pytest.skip("tests/test_multihost.py runs this launch on two real hosts (network namespaces)")
     job = merged(TINY_PRIOR, train={**TINY_PRIOR["train"], "steps": 6}, checkpoint={"every_steps": 3, "keep_last": 2})
     config = write_job(tmp_path / "prior.yaml", job)
     run_dir = tmp_path / "run"
