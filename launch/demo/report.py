@@ -169,9 +169,10 @@ def _accuracy(images: list[Image.Image], scenes: list[shapes.Scene]) -> dict[str
     return out
 
 
-def evaluate(pipeline: UnCLIPPipeline, full: list[shapes.Scene], opened: list[OpenPrompt], real: torch.Tensor,
+def evaluate(pipeline: UnCLIPPipeline, full: list[shapes.Scene], opened: list[OpenPrompt], real_embed: torch.Tensor,
              seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Samples of the full and the open prompts, and their figures."""
+    """Samples of the full and the open prompts, and their figures; `real_embed` `[N, D]`: the
+    demo CLIP's embeddings of the real images of `full` (the Frechet distance's reference)."""
     t0 = time.perf_counter()
     captions = [s.caption for s in full]
     images = sample(pipeline, captions, seed)
@@ -183,7 +184,7 @@ def evaluate(pipeline: UnCLIPPipeline, full: list[shapes.Scene], opened: list[Op
         "diversity": diversity(to_pil(open_images), opened),
         "background_noise": round(background_noise(pil), 3),
         "clip_score": clip_score(pipeline, images, captions),
-        "clip_frechet_distance": frechet_distance(pipeline.clip.encode_image(images), pipeline.clip.encode_image(real)),
+        "clip_frechet_distance": frechet_distance(pipeline.clip.encode_image(images), real_embed),
         "sampling_seconds": round(seconds, 2),
     }
 
@@ -227,8 +228,9 @@ def write_samples_and_report(demo: Any, preset: Any) -> tuple[Path, Path]:
     real_pil = real_images(full, size)
     real = torch.stack([from_pil(img) for img in real_pil])
 
-    images, open_images, ours = evaluate(pipeline, full, opened, real, seed)
-    theirs = {name: evaluate(p, full, opened, real, seed)[2] for name, p in baselines.items()}
+    real_embed = pipeline.clip.encode_image(real)  # one CLIP, the same reference for every pipeline
+    images, open_images, ours = evaluate(pipeline, full, opened, real_embed, seed)
+    theirs = {name: evaluate(p, full, opened, real_embed, seed)[2] for name, p in baselines.items()}
     binding_images = sample(pipeline, [s.caption for s in binding], seed + 2000)
     ours["binding_accuracy"] = binding_accuracy(to_pil(binding_images), binding)
     real_figures = {
