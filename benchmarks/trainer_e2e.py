@@ -50,7 +50,12 @@ from benchmarks.specs import PRESETS
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 CLIP = "unclip-tiny-512"  # models/clip_configs/unclip-tiny-512.json
-KINDS = ("prior", "decoder")
+# "decoder-lite": the switchable option for the decoder row: the same UNet with self-attention at
+# 16 and 8 px only (`model.unet.attention_resolutions: [16, 8]`, no attention over the 1024
+# pixels at 32 px); theirs stays at the matched architecture, so its row is ours-switched
+# against theirs-as-matched
+KINDS = ("prior", "decoder", "decoder-lite")
+LITE_ATTENTION = (16, 8)
 TARGET_SPEEDUP = 1.5  # ours / theirs samples/s, both stages
 TARGET_MEMORY = 1.0  # ours / theirs peak RSS per rank, at most
 TARGET_OVERHEAD = 0.10  # our full step at most 10% slower than our bare model step
@@ -157,14 +162,15 @@ def our_job(kind: str, spec: Any, plan: Plan, pattern: str, emb: Path) -> dict:
 
     from benchmarks import ours
 
-    model = ours.prior_config(spec) if kind == "prior" else ours.decoder_config(spec)
+    stage = _stage(kind)
+    model = ours.prior_config(spec) if stage == "prior" else ours.decoder_config(spec)
     data: dict[str, Any] = {"sources": [{"shards": pattern, "embeddings": str(emb)}], "num_workers": 0,
                             "shuffle_buffer": 256}
-    if kind == "decoder":
+    if stage == "decoder":
         data["image_size"] = spec.image_size
     steps = plan.warmup + plan.timed
     return {
-        "stage": kind, "name": f"e2e-{kind}", "model": config_to_dict(model), "clip": {"name": CLIP},
+        "stage": stage, "name": f"e2e-{kind}", "model": config_to_dict(model), "clip": {"name": CLIP},
         "data": data,
         "train": {"steps": steps, "micro_batch_size": spec.batch, "grad_accum": 1, "seed": 0, "log_every": 1,
                   "ema_decay": 0.9999},
@@ -281,7 +287,7 @@ def peer_worker(args: argparse.Namespace) -> None:
 
     peer.load()  # their sampling progress bars off; imports checked
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    spec = _spec(args.kind)
+    spec = _spec(args.kind)  # their side is always at the matched spec ("prior" or "decoder")
     # their conditioning drop (classifier-free guidance) leaves some parameters without a
     # gradient on some steps: DDP needs find_unused_parameters, as their scripts set
     accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
@@ -343,7 +349,7 @@ def bare_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.manual_seed(0)
     spec = _spec(args.kind)
-    bench = getattr(ours, f"build_{args.kind}")(spec, Runtime.for_device("cpu"))
+    bench = getattr(ours, f"build_{_stage(args.kind)}")(spec, Runtime.for_device("cpu"))
     seconds = []
     for step in range(args.warmup + args.timed):
         start = time.perf_counter()
@@ -380,13 +386,22 @@ def _median(runs: list[Measured]) -> Measured:
     return sorted(runs, key=lambda m: m.samples_per_s)[(len(runs) - 1) // 2]
 
 
+def _stage(kind: str) -> str:
+    """The stage a measured kind trains ("decoder-lite" is a decoder)."""
+    return "prior" if kind == "prior" else "decoder"
+
+
 def _spec(kind: str) -> Any:
-    return getattr(PRESETS["quick"], kind)
+    spec = getattr(PRESETS["quick"], _stage(kind))
+    return dataclasses.replace(spec, attention_resolutions=LITE_ATTENTION) if kind == "decoder-lite" else spec
 
 
 def _label(kind: str, spec: Any) -> str:
     if kind == "prior":
         return f"prior (dim {spec.dim}, depth {spec.depth}, {spec.text_len} tokens), micro-batch {spec.batch}"
+    if kind == "decoder-lite":
+        return (f"decoder, attention at {'/'.join(map(str, spec.attention_resolutions))} px only "
+                f"(`model.unet.attention_resolutions`; theirs as matched), micro-batch {spec.batch}")
     return f"decoder ({spec.image_size} px, base {spec.base_channels}), micro-batch {spec.batch}"
 
 
@@ -450,6 +465,10 @@ def section(results: dict[str, dict[str, Measured]], plan: Plan, command: str, w
         "differences favour them.",
         "- Bare: our model step (`benchmarks/ours.py`: forward, backward, fused AdamW on fixed tensors) in "
         f"{plan.nproc} concurrent processes with the same threads each.",
+        *(["- Decoder-lite: the switchable option for the decoder row, our same UNet with self-attention at "
+            f"{'/'.join(map(str, LITE_ATTENTION))} px only (`--set model.unet.attention_resolutions=[16,8]`: no "
+            "attention layer over the 1024 pixels at 32 px, where the paper's decoder has 5), against their "
+            "trainer at the matched architecture (the decoder row's runs)."] if "decoder-lite" in results else []),
         "- Peak RSS: each rank's lifetime high-water mark (getrusage, imports and held data included; ours "
         "from metrics.jsonl's `unclip_memory_peak_bytes`), mean over the ranks. The models table's memory "
         "rows instead count the model step alone above a post-import baseline.",
@@ -503,7 +522,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--no-write", action="store_true", help="print the section, write nothing")
     p.add_argument("--keep", type=Path, help="work in this folder (kept) instead of a temporary one")
     # internal: one rank of their trainer, one process of our bare step
-    p.add_argument("--peer-worker", choices=KINDS, help=argparse.SUPPRESS)
+    p.add_argument("--peer-worker", choices=("prior", "decoder"), help=argparse.SUPPRESS)
     p.add_argument("--bare-worker", choices=KINDS, help=argparse.SUPPRESS)
     p.add_argument("--shards", help=argparse.SUPPRESS)
     p.add_argument("--embeddings", help=argparse.SUPPRESS)
@@ -545,9 +564,11 @@ def measure(args: argparse.Namespace) -> int:
             # one heavy measurement at a time (the sides never share the cores), in rounds of
             # ours, theirs, bare: a shared machine's load changes by the minute, and each round
             # exposes the three to about the same load
+            # the lite row's theirs is the decoder row's (the same trainer at the matched spec)
+            shared = results.get("decoder", {}).get("theirs") if kind == "decoder-lite" else None
             for n in range(args.rounds):
                 runs["ours"].append(run_ours(kind, spec, plan, pattern, emb, root, n, log))
-                runs["theirs"].append(run_theirs(kind, plan, pattern, emb, root, n, log))
+                runs["theirs"].append(shared or run_theirs(_stage(kind), plan, pattern, emb, root, n, log))
                 runs["bare"].append(run_bare(kind, plan, log))
                 rates = ", ".join(f"{side} {m[-1].samples_per_s:.3g}" for side, m in runs.items())
                 log(f"{kind} round {n + 1}: {rates} samples/s")

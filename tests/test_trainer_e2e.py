@@ -43,3 +43,14 @@ def test_section_is_replaced_in_place_and_kept_by_the_models_report(tmp_path):
     kept = "\n".join(report.kept_sections(text))
     assert kept.strip().startswith(SECTION_BEGIN) and kept.strip().endswith(SECTION_END)
     assert "## End to end: the trainers" in kept
+
+
+def test_the_lite_decoder_differs_from_the_matched_one_only_in_its_attention(tmp_path):
+    from benchmarks.trainer_e2e import LITE_ATTENTION, _spec, our_job
+
+    matched, lite = _spec("decoder"), _spec("decoder-lite")
+    assert lite.attention_resolutions == LITE_ATTENTION != matched.attention_resolutions
+    assert {k: v for k, v in vars(lite).items() if k != "attention_resolutions"} == \
+        {k: v for k, v in vars(matched).items() if k != "attention_resolutions"}
+    job = our_job("decoder-lite", lite, PLANS["quick"], "shards-{0..1}.tar", tmp_path)
+    assert job["stage"] == "decoder" and list(job["model"]["unet"]["attention_resolutions"]) == list(LITE_ATTENTION)
