@@ -17,6 +17,16 @@ if not torch.cuda.is_available():
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Every test starts on one intra-op thread, whatever an earlier one set (in-process code
+    such as the demo's report or a benchmark may set more): on a shared 2-core machine a second
+    thread only adds synchronisation for these tiny models (an overfit test took 40 s with 2
+    threads under load, 1.6 s with one)."""
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(scope="session")
 def slurm():
     """A real one-node SLURM cluster (munged, slurmctld, slurmd) for the session; skips where

@@ -41,6 +41,19 @@ TINY_DECODER = {
     "checkpoint": {"every_steps": 4, "keep_last": 2},
 }
 
+# 8 -> 16 px, no attention: the smallest upsampler whose loss falls within 10 steps
+TINY_UPSAMPLER = {
+    "stage": "upsampler",
+    "name": "tiny-up",
+    "model": {
+        "lowres_size": 8, "image_size": 16,
+        "unet": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
+                 "norm_groups": 4},
+        "diffusion": {"timesteps": 100, "sample_steps": 10},
+    },
+    "optim": {"lr": 0.005, "schedule": "constant"},
+}
+
 
 def merged(base: dict, **sections: dict) -> dict:
     out = json.loads(json.dumps(base))

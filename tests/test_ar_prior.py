@@ -12,14 +12,6 @@ from models.prior import ARPrior, ARPriorConfig
 D, W, L = 16, 12, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: a second intra-op thread only adds synchronisation on a shared 2-core box
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def low_rank(n, dim, rank, seed=0, noise=0.0):
     """`[n, dim]` points on a random `rank`-dimensional affine subspace (decaying variances)."""

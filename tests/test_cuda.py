@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import TINY_DECODER, TINY_PRIOR, explain, losses, merged, train, unclip, write_job
+from tests.helpers import TINY_DECODER, TINY_PRIOR, TINY_UPSAMPLER, explain, losses, merged, train, unclip, write_job
 
 pytestmark = [
     pytest.mark.cuda,
@@ -26,16 +26,6 @@ pytestmark = [
 GPU = {"DS_ACCELERATOR": "cuda"}
 BF16 = {"precision": "bf16", "timeout_s": 120}
 
-TINY_UPSAMPLER = {
-    "stage": "upsampler", "name": "tiny-up",
-    "model": {
-        "lowres_size": 8, "image_size": 16,
-        "unet": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
-                 "norm_groups": 4},
-        "diffusion": {"timesteps": 100, "sample_steps": 10},
-    },
-    "optim": {"lr": 0.005, "schedule": "constant"},
-}
 TINY_CLIP = {"stage": "clip", "name": "tiny-clip", "model": {"name": "unclip-tiny"},
              "optim": {"lr": 0.002, "schedule": "constant"}}
 STAGES = {"clip": TINY_CLIP, "prior": TINY_PRIOR, "decoder": TINY_DECODER, "upsampler": TINY_UPSAMPLER}

@@ -14,13 +14,6 @@ from models.noise_augmentation import NoiseAugConfig, NoiseAugmentation, signal_
 from models.unet import UNetConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 UNET = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), norm_groups=4)
 

@@ -13,14 +13,6 @@ from models.prior import DiffusionPrior, DiffusionPriorConfig
 from models.unet import UNetConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is as fast, and far faster on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 D, W, L = 16, 12, 6
 UNET = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, head_channels=8, norm_groups=4)

@@ -18,15 +18,6 @@ D, W, L = 16, 12, 8
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The models here are tiny: on a shared 2-core machine a second intra-op thread only adds
-    # synchronisation (the overfit test took 40 s with 2 threads under load, 1.6 s with one).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_cfg(**overrides) -> DiffusionPriorConfig:
     base = dict(

@@ -17,13 +17,6 @@ from models.unet import UNetConfig
 from tests.test_pipeline import UNET, D, L, StubClip, W, _randomise
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # Stages configured the way that used to break determinism: an ancestral (DDPM) decoder with
 # guidance, and a stochastic upsampler with noise augmentation.

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import explain, losses, train, unclip, write_job
+from tests.helpers import TINY_UPSAMPLER, explain, losses, merged, train, unclip, write_job
 
 pytestmark = pytest.mark.slow
 
@@ -49,20 +49,13 @@ def test_clip_stage_trains_on_shards_and_exports_for_load_clip(shards, tmp_path)
 
 
 def test_upsampler_trains_on_shards(shards, tmp_path):
-    job = {
-        "stage": "upsampler", "name": "tiny-up",
-        "model": {
-            "lowres_size": 8, "image_size": 16,
-            "unet": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
-                     "norm_groups": 4},
-            "diffusion": {"timesteps": 100, "sample_steps": 10},
-        },
-        "data": {"sources": [{"shards": shards}], "num_workers": 0, "image_size": 16, "shuffle_buffer": 16},
-        "train": {"steps": 10, "micro_batch_size": 8, "log_every": 1},
-        "optim": {"lr": 0.005, "schedule": "constant"},
-        "deepspeed": {"zero_stage": 1, "timeout_s": 60},
-        "checkpoint": {"every_steps": 10},
-    }
+    job = merged(
+        TINY_UPSAMPLER,
+        data={"sources": [{"shards": shards}], "num_workers": 0, "image_size": 16, "shuffle_buffer": 16},
+        train={"steps": 10, "micro_batch_size": 8, "log_every": 1},
+        deepspeed={"zero_stage": 1, "timeout_s": 60},
+        checkpoint={"every_steps": 10},
+    )
     config = write_job(tmp_path / "up.yaml", job)
     done = train(config, tmp_path / "run", nproc=1)
     assert done.returncode == 0, explain(done)

@@ -10,14 +10,6 @@ import torch.nn.functional as F
 from models.unet import UNet, UNetConfig, upsample_conv3x3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is as fast, and far faster on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 TINY = UNetConfig(
     base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(8,), head_channels=8, norm_groups=4

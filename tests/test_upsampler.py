@@ -11,14 +11,6 @@ from models.degradations import BSRConfig, bsr_degrade, gaussian_blur, jpeg_comp
 from models.unet import UNetConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is as fast, and far faster on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 UNET = UNetConfig(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), norm_groups=4)
 
