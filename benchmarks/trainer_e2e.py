@@ -409,9 +409,17 @@ def _met(ok: bool) -> str:
     return "met" if ok else "**below target**"
 
 
+def round_ratios(runs: dict[str, list[Measured]]) -> list[str]:
+    """Each round's ours/theirs and overhead, as "1.36x, +19%": the three runs of a round saw
+    about the same load, so their spread is the measurement's noise."""
+    return [f"{o.samples_per_s / t.samples_per_s:.2f}x, {b.samples_per_s / o.samples_per_s - 1:+.0%}"
+            for o, t, b in zip(runs["ours"], runs["theirs"], runs["bare"])]
+
+
 def section(results: dict[str, dict[str, Measured]], plan: Plan, command: str, wall_s: float,
-            load: tuple[float, float], rounds: int = 1) -> list[str]:
-    """The markdown of the section (between its markers, so reruns replace it)."""
+            load: tuple[float, float], rounds: int = 1, per_round: Optional[dict[str, list[str]]] = None) -> list[str]:
+    """The markdown of the section (between its markers, so reruns replace it); `per_round`:
+    `round_ratios` of each stage."""
     from benchmarks import peer
 
     threads = _threads(plan.nproc)
@@ -453,6 +461,9 @@ def section(results: dict[str, dict[str, Measured]], plan: Plan, command: str, w
         "Targets: ours / theirs >= 1.5x samples/s, peak memory <= theirs, our full step within 10% of our bare "
         "model step (overhead = bare samples/s / trainer samples/s - 1).",
         "",
+        *(["Each round's ours / theirs and overhead (the table's are the median runs'): "
+           + "; ".join(f"{kind} " + " | ".join(r) for kind, r in per_round.items()) + ".", ""]
+          if per_round and rounds > 1 else []),
         "- Ours: `unclip train --nproc 2` (DeepSpeed ZeRO-2 over gloo, fp32 masters, EMA every step, metrics "
         "every step (log_every 1, more often than a real run logs), our loader with num_workers 0 decoding "
         "in the rank); samples/s from metrics.jsonl: samples over the wall clock between the record of the "
@@ -558,6 +569,7 @@ def measure(args: argparse.Namespace) -> int:
         pattern, emb = prepare(root, plan, _spec("decoder").image_size, log)
         log(f"data ready: {plan.samples} images, embeddings in {emb}")
         results: dict[str, dict[str, Measured]] = {}
+        per_round: dict[str, list[str]] = {}
         for kind in args.kinds:
             spec = _spec(kind)
             runs: dict[str, list[Measured]] = {"ours": [], "theirs": [], "bare": []}
@@ -573,7 +585,9 @@ def measure(args: argparse.Namespace) -> int:
                 rates = ", ".join(f"{side} {m[-1].samples_per_s:.3g}" for side, m in runs.items())
                 log(f"{kind} round {n + 1}: {rates} samples/s")
             results[kind] = {side: _median(m) for side, m in runs.items()}
-    lines = section(results, plan, command, time.perf_counter() - t0, (load0, os.getloadavg()[0]), args.rounds)
+            per_round[kind] = round_ratios(runs)
+    lines = section(results, plan, command, time.perf_counter() - t0, (load0, os.getloadavg()[0]), args.rounds,
+                    per_round)
     print("\n".join(lines))
     if not args.no_write:
         write_results(lines, headline(results), command, args.out)

@@ -54,3 +54,13 @@ def test_the_lite_decoder_differs_from_the_matched_one_only_in_its_attention(tmp
         {k: v for k, v in vars(matched).items() if k != "attention_resolutions"}
     job = our_job("decoder-lite", lite, PLANS["quick"], "shards-{0..1}.tar", tmp_path)
     assert job["stage"] == "decoder" and list(job["model"]["unet"]["attention_resolutions"]) == list(LITE_ATTENTION)
+
+
+def test_each_rounds_ratios_are_listed():
+    from benchmarks.trainer_e2e import round_ratios
+
+    side = lambda rate: Measured(rate, 1e9, 1.0)  # noqa: E731
+    runs = {"ours": [side(9.0), side(10.0)], "theirs": [side(6.0), side(8.0)], "bare": [side(10.8), side(10.0)]}
+    assert round_ratios(runs) == ["1.50x, +20%", "1.25x, +0%"]
+    lines = section(_results(), PLANS["quick"], "cmd", 10.0, (1.0, 1.0), rounds=2, per_round={"prior": round_ratios(runs)})
+    assert "prior 1.50x, +20% | 1.25x, +0%." in "\n".join(lines)
