@@ -12,7 +12,6 @@ from models.prior import ARPrior, ARPriorConfig
 D, W, L = 16, 12, 8
 
 
-
 def low_rank(n, dim, rank, seed=0, noise=0.0):
     """`[n, dim]` points on a random `rank`-dimensional affine subspace (decaying variances)."""
     g = torch.Generator().manual_seed(seed)

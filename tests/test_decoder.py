@@ -11,7 +11,6 @@ from models.diffusion import GaussianDiffusion
 from models.unet import UNetConfig
 
 
-
 UNET = UNetConfig(
     base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,), head_channels=8, norm_groups=4
 )

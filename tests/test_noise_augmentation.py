@@ -14,7 +14,6 @@ from models.noise_augmentation import NoiseAugConfig, NoiseAugmentation, signal_
 from models.unet import UNetConfig
 
 
-
 UNET = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), norm_groups=4)
 
 

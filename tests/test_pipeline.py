@@ -13,7 +13,6 @@ from models.prior import DiffusionPrior, DiffusionPriorConfig
 from models.unet import UNetConfig
 
 
-
 D, W, L = 16, 12, 6
 UNET = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, head_channels=8, norm_groups=4)
 FAST = DiffusionConfig(timesteps=100, sample_steps=2, clip_x0="static")

@@ -18,7 +18,6 @@ D, W, L = 16, 12, 8
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 def tiny_cfg(**overrides) -> DiffusionPriorConfig:
     base = dict(
         embed_dim=D, text_width=W, max_text_len=L, dim=32, depth=2, heads=2, dim_head=16,

@@ -43,7 +43,6 @@ CONFIGS = {
 }
 
 
-
 def _export(name: str, out: Path) -> Path:
     data = CONFIGS[name]
     spec = stages.get(data["stage"])

@@ -17,7 +17,6 @@ from models.unet import UNetConfig
 from tests.test_pipeline import UNET, D, L, StubClip, W, _randomise
 
 
-
 # Stages configured the way that used to break determinism: an ancestral (DDPM) decoder with
 # guidance, and a stochastic upsampler with noise augmentation.
 NOISY = DiffusionConfig(timesteps=100, sample_steps=3, sampler="ddpm", guidance_scale=3.0, clip_x0="static")

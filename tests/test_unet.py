@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from models.unet import UNet, UNetConfig, upsample_conv3x3
 
 
-
 TINY = UNetConfig(
     base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(8,), head_channels=8, norm_groups=4
 )

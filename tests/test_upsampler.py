@@ -11,7 +11,6 @@ from models.degradations import BSRConfig, bsr_degrade, gaussian_blur, jpeg_comp
 from models.unet import UNetConfig
 
 
-
 UNET = UNetConfig(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), norm_groups=4)
 
 
