@@ -36,6 +36,8 @@ def test_quick_demo_writes_every_artefact(demo_root, capsys):
     assert 0.0 <= report["unclip"]["binding_accuracy"]["bound"] <= 1.0
     real = report["real_images"]  # the judge itself is sound on real images of the same prompts
     assert real["attribute_accuracy"]["colour"] == 1.0 and real["binding_accuracy"]["bound"] == 1.0
+    retrieval = real["clip_shape_retrieval"]
+    assert retrieval["overall"]["count"] == 8 and 0.0 <= retrieval["overall"]["accuracy"] <= 1.0
     assert set(report["meets"]) == {"colour", "shape", "size", "position", "diversity_colour", "diversity_size",
                                     "diversity_position", "shape_beats_baselines", "diversity_beats_baselines",
                                     "background_noise"}

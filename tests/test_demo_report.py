@@ -1,6 +1,7 @@
 """The demo report's measures on real images: the floors they give, and what they reject."""
 
 import pytest
+import torch
 
 from data_pipeline import shapes
 from launch.demo import report
@@ -51,3 +52,37 @@ def test_verdict_names_the_target_missed(flaw):
     missed = {k for k, ok in meets.items() if not ok}
     assert missed == {"shape": {"shape"}, "diversity": {"diversity_colour", "diversity_size", "diversity_position"},
                       "noise": {"background_noise"}}[flaw]
+
+
+class _ShapeClip:
+    """Embeds a caption as the one-hot of the shape it names and image i as the one-hot of
+    `drawn[i]`: the shape this CLIP 'sees' in it."""
+
+    def __init__(self, drawn):
+        self.drawn = drawn
+
+    def encode_image(self, images):
+        return torch.stack([self._onehot(s) for s in self.drawn[: len(images)]])
+
+    def encode_text(self, captions):
+        named = [next(s for s in shapes.SHAPES if s in c.split()) for c in captions]
+        return torch.stack([self._onehot(s) for s in named]), None, None
+
+    @staticmethod
+    def _onehot(shape):
+        return torch.nn.functional.one_hot(torch.tensor(shapes.SHAPES.index(shape)), len(shapes.SHAPES)).float()
+
+
+def test_clip_shape_retrieval_splits_seen_from_novel_pairs():
+    full = report.full_prompts(64)
+    images = torch.zeros(len(full), 3, 8, 8)
+    truth = [s.only.shape for s in full]
+    exact = report.clip_shape_retrieval(_ShapeClip(truth), images, full)
+    assert exact["overall"]["accuracy"] == exact["seen"]["accuracy"] == exact["novel_pairs"]["accuracy"] == 1.0
+    novel = [(s.only.colour, s.only.shape) in shapes.HELD_OUT_PAIRS for s in full]
+    # a CLIP that sees a held-out pair as its colour's next shape: right on seen pairs only
+    entangled = [shapes.SHAPES[(shapes.SHAPES.index(t) + 1) % 4] if n else t for t, n in zip(truth, novel)]
+    got = report.clip_shape_retrieval(_ShapeClip(entangled), images, full)
+    assert got["seen"] == {"accuracy": 1.0, "count": len(full) - sum(novel)}
+    assert got["novel_pairs"] == {"accuracy": 0.0, "count": sum(novel)}
+    assert got["overall"]["accuracy"] == round(1 - sum(novel) / len(full), 4)

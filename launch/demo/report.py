@@ -116,6 +116,24 @@ def clip_score(pipeline: UnCLIPPipeline, images: torch.Tensor, prompts: list[str
     return float((image_embed * text_embed).sum(-1).mean())
 
 
+def clip_shape_retrieval(pipeline: UnCLIPPipeline, images: torch.Tensor,
+                         scenes: Sequence[shapes.Scene]) -> dict[str, Any]:
+    """How often the demo CLIP ranks each one-object image's caption above the same caption
+    naming another shape: `overall`, on `seen` colour/shape pairs and on `novel_pairs` (held
+    out of training). The chain draws a shape from the CLIP's embeddings, so this bounds it;
+    `images` `[N, 3, H, W]` in [-1, 1], one per scene."""
+    image_embed = pipeline.encode_image(images)
+    hits: dict[str, list[bool]] = {"overall": [], "seen": [], "novel_pairs": []}
+    for embed, scene in zip(image_embed, scenes):
+        obj = scene.only
+        rivals = [shapes.Scene((dataclasses.replace(obj, shape=s),), scene.says).caption for s in shapes.SHAPES]
+        best = shapes.SHAPES[int((pipeline.encode_text(rivals)[0] @ embed).argmax())]
+        pair = "novel_pairs" if (obj.colour, obj.shape) in shapes.HELD_OUT_PAIRS else "seen"
+        for key in ("overall", pair):
+            hits[key].append(best == obj.shape)
+    return {k: {"accuracy": round(sum(v) / len(v), 4), "count": len(v)} for k, v in hits.items() if v}
+
+
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to feature sets `a` [N, D] and `b` [M, D]."""
     a, b = a.double(), b.double()
@@ -239,6 +257,7 @@ def write_samples_and_report(demo: Any, preset: Any) -> tuple[Path, Path]:
         "binding_accuracy": binding_accuracy(real_images(binding, size), binding),
         "background_noise": round(background_noise(real_pil), 3),
         "clip_score": clip_score(pipeline, real, [s.caption for s in full]),
+        "clip_shape_retrieval": clip_shape_retrieval(pipeline, real, full),
     }
 
     samples = demo.root / "samples.png"
@@ -257,6 +276,9 @@ def write_samples_and_report(demo: Any, preset: Any) -> tuple[Path, Path]:
             "diversity": ("total variation distance between the distribution of each open attribute over "
                           "samples and its training distribution given the caption; real_images gives the "
                           "same figure for as many real images, the floor that sampling noise alone gives"),
+            "clip_shape_retrieval": ("how often the demo CLIP ranks a real image's caption above the same caption "
+                                     "naming another shape, on seen and on held-out (novel) colour/shape pairs: "
+                                     "the chain draws shapes from this CLIP's embeddings, so this bounds it"),
             "binding_accuracy": "two-object prompts: both objects' colour and shape right in their halves",
             "background_noise": "std of background pixels (levels of 255), samples of the fully specified prompts",
             "clip_frechet_distance": (
